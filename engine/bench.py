@@ -1,0 +1,189 @@
+"""Batch-1 benchmark on Spec-Bench prompts: our target-only vs our speculation vs HF.
+
+    python -m engine.bench --per-task 2          # 12 prompts, a few minutes on a laptop CPU
+    python -m engine.bench                       # all 48 prompts
+
+Prints a Markdown table (tokens/s end to end, speedup, acceptance, tokens per round) per task
+and overall, and writes the raw figures to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig, SamplingParams
+from engine.engine import Engine
+from engine.loader import LoadedModel, load_pair
+
+DEFAULT_PROMPTS = (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "spec_bench_dev.jsonl"
+)
+
+
+def load_prompts(path: Path, per_task: int | None) -> list[tuple[str, str]]:
+    taken: dict[str, int] = defaultdict(int)
+    prompts = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        task = item.get("task") or item.get("category") or "all"
+        if per_task is not None and taken[task] >= per_task:
+            continue
+        taken[task] += 1
+        prompts.append((task, item["turns"][0]))
+    return prompts
+
+
+def chat_ids(target: LoadedModel, prompt: str) -> list[int]:
+    text = target.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return list(target.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def run_engine(engine: Engine, ids: list[int], max_tokens: int) -> dict:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    started = time.perf_counter()
+    (result,) = engine.generate([ids], params)
+    elapsed = time.perf_counter() - started
+    stats = result.stats
+    return {
+        "tokens": len(result.token_ids),
+        "seconds": elapsed,
+        "token_ids": result.token_ids,
+        "rounds": stats.rounds,
+        "drafted": stats.drafted,
+        "accepted": stats.accepted,
+    }
+
+
+@torch.inference_mode()
+def run_hf(target: LoadedModel, draft: LoadedModel | None, ids: list[int], max_tokens: int) -> dict:
+    input_ids = torch.tensor([ids], device=target.model.device)
+    kwargs = {"assistant_model": draft.model} if draft is not None else {}
+    started = time.perf_counter()
+    out = target.model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        pad_token_id=target.tokenizer.pad_token_id or target.tokenizer.eos_token_id,
+        **kwargs,
+    )
+    elapsed = time.perf_counter() - started
+    return {"tokens": out.shape[1] - len(ids), "seconds": elapsed}
+
+
+def summarise(rows: list[dict], systems: list[str]) -> str:
+    tasks = sorted({r["task"] for r in rows}) + ["overall"]
+    header = ["task", "n"] + [f"{s} tok/s" for s in systems]
+    header += ["spec speedup", "HF assisted speedup", "acceptance", "tokens/round"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in tasks:
+        group = [r for r in rows if task in ("overall", r["task"])]
+        rate = {}
+        for system in systems:
+            tokens = sum(r[system]["tokens"] for r in group)
+            seconds = sum(r[system]["seconds"] for r in group)
+            rate[system] = tokens / seconds if seconds else 0.0
+        drafted = sum(r["spec"]["drafted"] for r in group)
+        accepted = sum(r["spec"]["accepted"] for r in group)
+        rounds = sum(r["spec"]["rounds"] for r in group)
+        cells = [task, str(len(group))] + [f"{rate[s]:.2f}" for s in systems]
+        cells.append(f"{rate['spec'] / rate['target']:.2f}x")
+        if "hf_assisted" in rate and rate.get("hf_target"):
+            cells.append(f"{rate['hf_assisted'] / rate['hf_target']:.2f}x")
+        else:
+            cells.append("-")
+        cells.append(f"{accepted / drafted:.1%}" if drafted else "-")
+        cells.append(f"{(accepted + rounds) / rounds:.2f}" if rounds else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specserve bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
+    parser.add_argument("--per-task", type=int, default=None, help="prompts per task (all)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--target", default=None)
+    parser.add_argument("--draft", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    parser.add_argument("--out", type=Path, default=Path("bench_results.json"))
+    args = parser.parse_args(argv)
+
+    target, draft = load_pair(args.target, args.draft, args.dtype, args.device, progress=True)
+    if draft is None:
+        parser.error("the benchmark needs a draft model")
+    prompts = load_prompts(args.prompts, args.per_task)
+    max_len = max(len(chat_ids(target, p)) for _, p in prompts) + args.max_tokens + 8
+    config = EngineConfig(gamma=0, max_slots=1, max_len=max_len)
+    baseline = Engine(target.model, None, config, target.tokenizer)
+    spec_config = EngineConfig(gamma=args.gamma, max_slots=1, max_len=max_len)
+    speculative = Engine(target.model, draft.model, spec_config, target.tokenizer)
+    systems = ["target", "spec"] + ([] if args.no_hf else ["hf_target", "hf_assisted"])
+
+    # Warm-up: first calls pay one-off allocation and kernel selection.
+    warm = chat_ids(target, "Say hi.")
+    run_engine(baseline, warm, 4)
+    run_engine(speculative, warm, 8)
+
+    rows = []
+    for index, (task, prompt) in enumerate(prompts):
+        ids = chat_ids(target, prompt)
+        row = {"task": task, "prompt_tokens": len(ids)}
+        row["target"] = run_engine(baseline, ids, args.max_tokens)
+        row["spec"] = run_engine(speculative, ids, args.max_tokens)
+        if not args.no_hf:
+            row["hf_target"] = run_hf(target, None, ids, args.max_tokens)
+            row["hf_assisted"] = run_hf(target, draft, ids, args.max_tokens)
+        row["identical"] = row["target"]["token_ids"] == row["spec"]["token_ids"]
+        rows.append(row)
+        rates = "  ".join(
+            f"{s}={row[s]['tokens'] / row[s]['seconds']:.2f}" for s in systems if row[s]["seconds"]
+        )
+        print(f"[{index + 1}/{len(prompts)}] {task:<14} {rates}", file=sys.stderr, flush=True)
+
+    identical = sum(r["identical"] for r in rows)
+    table = summarise(rows, systems)
+    machine = (
+        f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {speculative.target.dtype}, device {speculative.target.device}"
+    )
+    print(table)
+    print(
+        f"\n{len(rows)} prompts, greedy, max {args.max_tokens} new tokens, batch 1, "
+        f"gamma={args.gamma}; spec output identical to target-only on {identical}/{len(rows)}; "
+        f"machine: {machine}"
+    )
+    for r in rows:
+        for system in ("target", "spec"):
+            r[system].pop("token_ids", None)
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "args": vars(args) | {"prompts": str(args.prompts), "out": str(args.out)},
+                "rows": rows,
+                "table": table,
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

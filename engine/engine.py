@@ -1,0 +1,406 @@
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.config import EngineConfig, SamplingParams
+from engine.detokenizer import OutputProcessor
+from engine.logprobs import prompt_logprobs, token_logprobs
+from engine.proposer import DraftProposer, DraftRows, RowSampling
+from engine.request import Request, RequestOutput, RequestStats, TokenLogprob
+from engine.runner import ModelRunner, RaggedBatch, max_context
+from engine.scheduler import Scheduler
+from engine.stats import EngineStats, RoundRecord
+from engine.verifier import verify
+
+log = logging.getLogger("specserve.engine")
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class Completion:
+    """Result of one prompt in ``Engine.generate``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    stats: RequestStats
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:
+    ids: set[int] = set()
+    for source in (model.generation_config, model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class Engine:
+    """Batched lossless speculative decoding over static KV slots.
+
+    ``add_request`` and ``abort`` may be called from any thread: they only queue work. ``step``
+    (one scheduling pass plus one speculative round over every running request) must be called
+    from a single thread, the one that owns the models.
+    """
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        draft: PreTrainedModel | None,
+        config: EngineConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.gamma = config.gamma if draft is not None else 0
+        limits = [config.max_len] + [
+            limit - self.gamma - 1
+            for m in (target, draft)
+            if m is not None and (limit := max_context(m)) is not None
+        ]
+        self.max_len = min(limits)
+        capacity = self.max_len + self.gamma + 1
+        self.target = ModelRunner(target, config.max_slots, capacity)
+        self.vocab_size = self.target.vocab_size
+        self.proposer: DraftProposer | None = None
+        if draft is not None and self.gamma > 0:
+            runner = ModelRunner(draft, config.max_slots, capacity)
+            self.proposer = DraftProposer(runner, self.vocab_size)
+        self.processor = OutputProcessor(tokenizer, _eos_ids(target, tokenizer))
+        self.scheduler = Scheduler(config.max_slots)
+        self.stats = EngineStats()
+        self.on_round: Callable[[RoundRecord], None] | None = None
+        self._inbox: deque[Request] = deque()
+        self._aborts: deque[str] = deque()
+        self._lock = threading.Lock()
+        log.info(self.describe())
+
+    def kv_cache_bytes(self) -> int:
+        total = self.target.cache.nbytes()
+        if self.proposer is not None:
+            total += self.proposer.runner.cache.nbytes()
+        return total
+
+    def describe(self) -> str:
+        return (
+            f"KV slots: {self.config.max_slots} x {self.max_len} tokens, gamma={self.gamma}, "
+            f"pool {self.kv_cache_bytes() / 2**20:.1f} MiB on {self.target.device} "
+            f"({self.target.dtype})"
+        )
+
+    # ---- request intake (thread-safe) -------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass token ids")
+            return list(self.tokenizer(prompt).input_ids)
+        return list(prompt)
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        token_ids = self.tokenize(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(token_ids) >= self.max_len:
+            raise PromptTooLongError(
+                f"prompt has {len(token_ids)} tokens but the context holds {self.max_len} "
+                "(prompt plus at least one generated token): shorten the prompt"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        gamma = self.gamma if params.gamma is None else min(params.gamma, self.gamma)
+        request = Request(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_token_ids=token_ids,
+            params=params,
+            seed=params.seed if params.seed is not None else secrets.randbits(62),
+            gamma=gamma,
+            max_new_tokens=min(params.max_tokens, self.max_len - len(token_ids)),
+            prompt_logprobs_pending=params.prompt_logprobs is not None,
+        )
+        if len(token_ids) == 1 and request.prompt_logprobs_pending:
+            request.prompt_logprobs_cache = [None]
+        with self._lock:
+            self._inbox.append(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._aborts or self.scheduler.waiting or self.scheduler.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._inbox)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        outputs = self._take_inbox()
+        admitted = self.scheduler.admit()
+        if admitted:
+            outputs += self._prefill(admitted)
+        batch = self.scheduler.batch()
+        if batch:
+            outputs += self._round(batch)
+        self.stats.busy_seconds += time.perf_counter() - started
+        return outputs
+
+    def _take_inbox(self) -> list[RequestOutput]:
+        with self._lock:
+            new, self._inbox = list(self._inbox), deque()
+            aborts, self._aborts = set(self._aborts), deque()
+        for request in new:
+            self.scheduler.add(request)
+        outputs = []
+        for request_id in aborts:
+            request = self.scheduler.find(request_id)
+            if request is None or request.finished:
+                continue
+            if request.slot >= 0:
+                self.scheduler.release(request)
+            else:
+                self.scheduler.remove_waiting(request)
+            request.finish_reason = "abort"
+            outputs.append(self._output(request, [], ""))
+        return outputs
+
+    def _prefill(self, requests: list[Request]) -> list[RequestOutput]:
+        """Fills both slot caches with every prompt token but the last, which the first round
+        feeds (so prefill and decode share one invariant: the last token is always pending)."""
+        outputs = []
+        rows = [r for r in requests if r.num_tokens > 1]
+        for request in requests:
+            request.stats.arrival_time = min(request.stats.arrival_time, time.monotonic())
+            self.stats.prompt_tokens += len(request.prompt_token_ids)
+        if not rows:
+            return outputs
+        batch = RaggedBatch(
+            [r.prompt_token_ids[:-1] for r in rows],
+            [r.slot for r in rows],
+            [0] * len(rows),
+            [len(r.prompt_token_ids) - 1 for r in rows],
+        )
+        wants_logprobs = any(r.prompt_logprobs_pending for r in rows)
+        hidden = self.target.forward(batch, output="hidden" if wants_logprobs else "none")
+        if self.proposer is not None:
+            self.proposer.runner.forward(batch, output="none")
+        for index, request in enumerate(rows):
+            request.target_len = request.draft_len = request.num_tokens - 1
+            if request.prompt_logprobs_pending:
+                request.prompt_logprobs_cache = prompt_logprobs(
+                    self.target.lm_head,
+                    hidden[index, : request.num_tokens - 1],
+                    request.prompt_token_ids,
+                    request.params.prompt_logprobs,
+                )
+        return outputs
+
+    def _sampling(self, batch: list[Request]) -> RowSampling:
+        device = self.target.device
+        params = [r.params for r in batch]
+        return RowSampling(
+            greedy=torch.tensor([p.greedy for p in params], device=device),
+            all_greedy=all(p.greedy for p in params),
+            temperature=torch.tensor([p.temperature for p in params], device=device),
+            top_k=torch.tensor([max(p.top_k, 0) for p in params], device=device),
+            top_p=torch.tensor([p.top_p for p in params], device=device),
+            seeds=torch.tensor([r.seed for r in batch], device=device),
+        )
+
+    def _round(self, batch: list[Request]) -> list[RequestOutput]:
+        device = self.target.device
+        # A row never drafts past its budget: the round adds at most gamma + 1 tokens.
+        row_gamma = [
+            max(0, min(r.gamma, r.max_new_tokens - len(r.output_token_ids) - 1)) for r in batch
+        ]
+        gamma = max(row_gamma)
+        num_tokens = [r.num_tokens for r in batch]
+        sampling = self._sampling(batch)
+        t0 = time.perf_counter()
+        draft_probs = None
+        if gamma > 0 and self.proposer is not None:
+            rows = DraftRows(
+                slots=[r.slot for r in batch],
+                catch_up=[r.token_ids[r.draft_len :] for r in batch],
+                draft_lens=[r.draft_len for r in batch],
+                num_tokens=num_tokens,
+            )
+            draft_tokens, draft_probs = self.proposer.propose(rows, gamma, sampling)
+        else:
+            draft_tokens = torch.zeros((len(batch), 0), dtype=torch.long, device=device)
+        t1 = time.perf_counter()
+        last = torch.tensor([[r.token_ids[-1]] for r in batch], device=device)
+        verify_batch = RaggedBatch(
+            torch.cat([last, draft_tokens], dim=1),
+            [r.slot for r in batch],
+            [n - 1 for n in num_tokens],
+            [g + 1 for g in row_gamma],
+        )
+        target_logits = self.target.forward(verify_batch, output="all")
+        target_probs = None if sampling.all_greedy else sampling.warp(target_logits)
+        verdict = verify(
+            draft_tokens,
+            draft_probs,
+            target_logits,
+            target_probs,
+            torch.tensor(row_gamma, device=device),
+            sampling.greedy,
+            sampling.seeds,
+            torch.tensor(num_tokens, device=device),
+        )
+        # The round's single device-to-host transfer.
+        host = torch.cat([verdict.tokens, verdict.accepted_len[:, None]], dim=1).tolist()
+        logprobs = None
+        if any(r.params.logprobs is not None for r in batch):
+            logprobs = token_logprobs(
+                target_logits, verdict.tokens, [r.params.logprobs for r in batch]
+            )
+        t2 = time.perf_counter()
+
+        outputs, emitted_counts = [], []
+        for index, request in enumerate(batch):
+            accepted = host[index][-1]
+            n = num_tokens[index]
+            request.target_len = n + accepted
+            if gamma > 0 and self.proposer is not None:
+                request.draft_len = min(n + accepted, n + gamma - 1)
+            stats = request.stats
+            stats.rounds += 1
+            stats.drafted += row_gamma[index]
+            stats.accepted += accepted
+            if len(stats.acceptance_histogram) < request.gamma + 1:
+                stats.acceptance_histogram.extend(
+                    [0] * (request.gamma + 1 - len(stats.acceptance_histogram))
+                )
+            if row_gamma[index] > 0:
+                stats.acceptance_histogram[accepted] += 1
+            if stats.first_token_time is None:
+                stats.first_token_time = time.monotonic()
+            tokens, text = self.processor.append(request, host[index][: accepted + 1])
+            emitted_counts.append(len(tokens))
+            row_logprobs = logprobs[index][: len(tokens)] if logprobs else None
+            if request.finish_reason is not None:
+                self.scheduler.release(request)
+            outputs.append(self._output(request, tokens, text, row_logprobs))
+
+        accepted_counts = [row[-1] for row in host]
+        self.stats.rounds += 1
+        self.stats.row_rounds += len(batch)
+        self.stats.drafted += sum(row_gamma)
+        self.stats.accepted += sum(accepted_counts)
+        self.stats.generated_tokens += sum(emitted_counts)
+        if self.on_round is not None:
+            self.on_round(
+                RoundRecord(
+                    batch_size=len(batch),
+                    gamma=gamma,
+                    drafted=row_gamma,
+                    accepted=accepted_counts,
+                    emitted=emitted_counts,
+                    draft_seconds=t1 - t0,
+                    verify_seconds=t2 - t1,
+                )
+            )
+        return outputs
+
+    def _output(
+        self,
+        request: Request,
+        tokens: list[int],
+        text: str,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> RequestOutput:
+        finished = request.finish_reason is not None
+        if finished:
+            request.stats.finish_time = time.monotonic()
+            self.stats.finished_requests += 1
+        prompt_lp = None
+        if request.prompt_logprobs_pending and request.prompt_logprobs_cache is not None:
+            prompt_lp = request.prompt_logprobs_cache
+            request.prompt_logprobs_pending = False
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=tokens,
+            new_text=text,
+            finished=finished,
+            finish_reason=request.finish_reason,
+            prompt_token_ids=request.prompt_token_ids,
+            num_generated=len(request.output_token_ids),
+            stats=request.stats,
+            new_logprobs=logprobs,
+            prompt_logprobs=prompt_lp,
+        )
+
+    # ---- synchronous batch API ----------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+    ) -> list[Completion]:
+        """Runs prompts to completion, batched; results in prompt order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        state: dict[str, dict] = {
+            i: {"tokens": [], "text": "", "logprobs": [], "prompt_logprobs": None} for i in ids
+        }
+        done: dict[str, Completion] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.request_id not in state:
+                    continue
+                entry = state[out.request_id]
+                entry["tokens"] += out.new_token_ids
+                entry["text"] += out.new_text
+                if out.new_logprobs:
+                    entry["logprobs"] += out.new_logprobs
+                if out.prompt_logprobs is not None:
+                    entry["prompt_logprobs"] = out.prompt_logprobs
+                if out.finished:
+                    done[out.request_id] = Completion(
+                        request_id=out.request_id,
+                        prompt_token_ids=out.prompt_token_ids,
+                        token_ids=entry["tokens"],
+                        text=entry["text"],
+                        finish_reason=out.finish_reason or "stop",
+                        stats=out.stats,
+                        logprobs=entry["logprobs"] or None,
+                        prompt_logprobs=entry["prompt_logprobs"],
+                    )
+        return [done[i] for i in ids]

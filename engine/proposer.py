@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.runner import ModelRunner, RaggedBatch
+from engine.sampling import DRAFT_SAMPLE, sample_from, uniform, warp_probs
+
+
+@dataclass
+class RowSampling:
+    """Device tensors describing how each row of a round samples."""
+
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    temperature: torch.Tensor  # [B] float
+    top_k: torch.Tensor  # [B] long
+    top_p: torch.Tensor  # [B] float
+    seeds: torch.Tensor  # [B] long
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        return warp_probs(logits, self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class DraftRows:
+    """Host view of the rows a draft pass extends."""
+
+    slots: list[int]
+    catch_up: list[list[int]]  # tokens the draft slot has not seen yet, ending with the last one
+    draft_lens: list[int]  # valid K/V length of each draft slot
+    num_tokens: list[int]  # tokens in each sequence; the first draft lands at this position
+
+
+class DraftProposer:
+    """Proposes ``gamma`` tokens per row with a small model on its own slot cache.
+
+    The first step feeds every token the draft slot is missing (one normally, two after a round
+    in which all drafts were accepted, more after rounds that skipped the draft), so the draft is
+    never re-prefilled; later steps feed one token per row without leaving the device.
+    """
+
+    def __init__(self, runner: ModelRunner, target_vocab: int) -> None:
+        self.runner = runner
+        self.target_vocab = target_vocab
+
+    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        # Same tokenizer, but embedding tables are often padded to different sizes.
+        extra = self.target_vocab - logits.shape[-1]
+        if extra > 0:
+            return torch.nn.functional.pad(logits, (0, extra), value=float("-inf"))
+        return logits[..., : self.target_vocab]
+
+    def propose(
+        self, rows: DraftRows, gamma: int, sampling: RowSampling
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns draft tokens [B, gamma] and, unless all rows are greedy, their warped
+        distributions [B, gamma, V]."""
+        device = self.runner.device
+        first_position = torch.tensor(rows.num_tokens, device=device)
+        tokens: list[torch.Tensor] = []
+        probs: list[torch.Tensor] = []
+        batch = RaggedBatch(
+            rows.catch_up, rows.slots, rows.draft_lens, [len(t) for t in rows.catch_up]
+        )
+        for step in range(gamma):
+            logits = self._fit_vocab(self.runner.forward(batch))  # [B, V]
+            token = logits.argmax(-1)
+            if not sampling.all_greedy:
+                step_probs = sampling.warp(logits[:, None])[:, 0]
+                u = uniform(sampling.seeds, first_position + step, DRAFT_SAMPLE)
+                token = torch.where(sampling.greedy, token, sample_from(step_probs, u))
+                probs.append(step_probs)
+            tokens.append(token)
+            if step + 1 < gamma:
+                starts = [n + step for n in rows.num_tokens]
+                batch = RaggedBatch(token[:, None], rows.slots, starts, [1] * len(rows.slots))
+        draft_probs = torch.stack(probs, 1) if probs else None
+        return torch.stack(tokens, 1), draft_probs

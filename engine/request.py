@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from engine.config import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    """Target log-probability of one token, plus the top-N alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class RequestStats:
+    rounds: int = 0  # speculative rounds this request took part in
+    drafted: int = 0  # draft tokens proposed for it
+    accepted: int = 0  # draft tokens the target accepted
+    # acceptance_histogram[k] = rounds in which exactly k draft tokens were accepted
+    acceptance_histogram: list[int] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_per_round(self) -> float:
+        """Tokens emitted per round: accepted drafts plus the target's own token."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" while finished
+    prompt_token_ids: list[int]
+    num_generated: int  # total tokens generated so far
+    stats: RequestStats
+    new_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # sent once, on the first output
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """Host-side state of one request: plain integers and lists, no tensors."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # resolved seed (random when the caller gave none)
+    gamma: int  # effective draft length for this request
+    max_new_tokens: int  # params.max_tokens clamped to the slot's room
+    status: Status = Status.WAITING
+    slot: int = -1
+    output_token_ids: list[int] = field(default_factory=list)
+    target_len: int = 0  # tokens whose K/V is valid in the target slot
+    draft_len: int = 0  # tokens whose K/V is valid in the draft slot
+    emitted_text_len: int = 0  # characters of the completion already handed out
+    finish_reason: str | None = None
+    stats: RequestStats = field(default_factory=RequestStats)
+    prompt_logprobs_pending: bool = False
+    prompt_logprobs_cache: list[TokenLogprob | None] | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

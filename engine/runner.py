@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from engine.kv_cache import SlotKVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox")
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+@dataclass
+class RaggedBatch:
+    """One ragged forward: row b feeds ``num_new[b]`` tokens into ``slot[b]`` from ``start[b]``.
+
+    Host lists, converted to device tensors once per forward.
+    """
+
+    tokens: list[list[int]] | torch.Tensor  # per-row token lists, or a ready [B, T] device tensor
+    slots: list[int]
+    starts: list[int]
+    num_new: list[int]
+
+
+def max_context(model: PreTrainedModel) -> int | None:
+    """Longest sequence a model with learned absolute positions can embed (None: rotary)."""
+    if model.config.model_type in ("gpt2", "opt"):
+        return int(model.config.max_position_embeddings)
+    return None
+
+
+class ModelRunner:
+    """Drives a transformers causal LM over ragged batches on its own slot cache."""
+
+    def __init__(self, model: PreTrainedModel, num_slots: int, capacity: int) -> None:
+        model_type = model.config.model_type
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedArchitectureError(
+                f"model type {model_type!r} is not supported; supported: "
+                + ", ".join(SUPPORTED_MODEL_TYPES)
+            )
+        self.model = model
+        self.body = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        if self.lm_head is None:
+            raise UnsupportedArchitectureError(f"model type {model_type!r} has no LM head")
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.capacity = capacity
+        self.max_position = max_context(model)
+        self.cache = SlotKVCache(num_slots, capacity, self.device)
+        self.mask_min = torch.finfo(self.dtype).min
+        # One token through the trash slot allocates every layer's buffers at their real shapes.
+        self.forward(RaggedBatch([[0]], [num_slots], [0], [1]), output="none")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lm_head.weight.shape[0])
+
+    def _device_ints(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: RaggedBatch, output: str = "last") -> torch.Tensor | None:
+        """Runs the batch and returns, by ``output``: "last" logits [B, V] at each row's last real
+        token, "all" logits [B, T, V], "hidden" states [B, T, H], or "none".
+        """
+        rows = len(batch.slots)
+        if isinstance(batch.tokens, torch.Tensor):
+            input_ids = batch.tokens
+            width = input_ids.shape[1]
+        else:
+            width = max(len(t) for t in batch.tokens)
+            padded = [t + [0] * (width - len(t)) for t in batch.tokens]
+            input_ids = self._device_ints(padded).view(rows, width)
+        starts = self._device_ints(batch.starts)
+        num_new = self._device_ints(batch.num_new)
+        slots = self._device_ints(batch.slots)
+        offsets = torch.arange(width, device=self.device)
+        real = offsets[None, :] < num_new[:, None]  # [B, T]
+        positions = starts[:, None] + offsets[None, :]
+        write_slot = torch.where(real, slots[:, None], self.cache.trash_slot)
+        write_pos = torch.where(real, positions, offsets[None, :].expand(rows, width))
+        # Padded queries reuse their row's last real position so learned position tables are
+        # never indexed past the end; their outputs are discarded anyway.
+        last_pos = starts + num_new - 1
+        position_ids = torch.minimum(positions, last_pos[:, None])
+        read_len = max(s + n for s, n in zip(batch.starts, batch.num_new, strict=True))
+        keys = torch.arange(read_len, device=self.device)
+        visible = keys[None, None, :] <= positions[:, :, None]  # [B, T, K]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, self.mask_min)
+        contiguous = None
+        if batch.slots == list(range(batch.slots[0], batch.slots[0] + rows)):
+            contiguous = batch.slots[0]
+        self.cache.plan(write_slot, write_pos, slots, read_len, contiguous)
+        hidden = self.body(
+            input_ids=input_ids,
+            attention_mask=mask[:, None],
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+        ).last_hidden_state
+        if output == "all":
+            return self.lm_head(hidden).float()
+        if output == "hidden":
+            return hidden
+        if output == "none":
+            return None
+        picked = hidden[torch.arange(rows, device=self.device), num_new - 1]
+        return self.lm_head(picked).float()

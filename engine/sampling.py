@@ -1,0 +1,87 @@
+"""Batched logits warping and counter-based randomness.
+
+Every random number is a pure function of (request seed, absolute token position, purpose), so a
+request's output does not depend on which other requests share its batch, and nothing here needs
+per-row Python loops or generator state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Purposes of the uniforms drawn at one token position.
+DRAFT_SAMPLE = 1
+ACCEPT_TEST = 2
+TARGET_SAMPLE = 3
+
+_MASK64 = (1 << 64) - 1
+
+
+def _as_signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _as_signed(0x9E3779B97F4A7C15)
+_MIX1 = _as_signed(0xBF58476D1CE4E5B9)
+_MIX2 = _as_signed(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; mask off the copied sign bits for a logical shift.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    # int64 multiplication wraps modulo 2**64, which is exactly the arithmetic splitmix64 wants.
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def uniform(seeds: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch.Tensor:
+    """Uniform floats in [0, 1) of dtype float64; ``seeds`` [B] broadcast against ``positions``."""
+    while seeds.dim() < positions.dim():
+        seeds = seeds.unsqueeze(-1)
+    key = _splitmix64(seeds * 4 + purpose)
+    bits = _splitmix64(key ^ positions)
+    return _shift_right(bits, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
+def warp_probs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p, per row.
+
+    logits: [B, K, V]; temperature, top_p: [B] float; top_k: [B] long (0 = off).
+    Rows with temperature 0 (greedy) get temperature 1 here; the verifier never samples them.
+    """
+    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    scaled = logits / temp[:, None, None]
+    vocab = logits.shape[-1]
+    use_top_k = bool((top_k > 0).any()) and bool((top_k < vocab).any())
+    use_top_p = bool((top_p < 1.0).any())
+    if use_top_k or use_top_p:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        if use_top_k:
+            k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+            ranks = torch.arange(vocab, device=logits.device)
+            drop |= ranks[None, None, :] >= k[:, None, None]
+        if use_top_p:
+            sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+            # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
+            # before it already does (the top token always survives).
+            mass_before = sorted_probs.cumsum(-1) - sorted_probs
+            drop |= mass_before >= top_p[:, None, None]
+        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return scaled.softmax(-1)
+
+
+def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling of unnormalised ``probs`` [..., V] with uniforms ``u`` [...]."""
+    cdf = probs.to(torch.float64).cumsum(-1)
+    threshold = (u * cdf[..., -1]).unsqueeze(-1)
+    index = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)
+    return index.clamp_(max=probs.shape[-1] - 1)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RoundRecord:
+    """What one speculative round did; handed to ``Engine.on_round`` for metrics."""
+
+    batch_size: int
+    gamma: int  # the round's largest draft length
+    drafted: list[int]  # per row
+    accepted: list[int]  # per row
+    emitted: list[int]  # per row, after stop conditions
+    draft_seconds: float
+    verify_seconds: float
+
+
+@dataclass
+class EngineStats:
+    """Engine-wide counters since start-up."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    row_rounds: int = 0  # sum over rounds of the batch size
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    finished_requests: int = 0
+    busy_seconds: float = 0.0  # time spent inside step()
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_per_round(self) -> float:
+        """Tokens a request gains per round: accepted drafts plus the target's own token."""
+        return (self.accepted + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.busy_seconds if self.busy_seconds else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"rounds={self.rounds} drafted={self.drafted} accepted={self.accepted} "
+            f"acceptance={self.acceptance_rate:.1%} "
+            f"tokens/round={self.mean_accepted_per_round:.2f} "
+            f"generated={self.generated_tokens} tok/s={self.tokens_per_second:.2f}"
+        )

@@ -1,0 +1,183 @@
+"""The ``specserve`` command: serve, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"SPECSERVE_{name}", default)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = _env(name)
+    return int(value) if value else default
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument(
+        "--target",
+        default=_env("TARGET"),
+        help="target model: builtin name, pair name (default qwen2.5-coder), local HF dir, "
+        ".gguf file, or a hub id already in the local HF cache",
+    )
+    group.add_argument(
+        "--draft",
+        default=_env("DRAFT"),
+        help="draft model (same forms as --target); 'none' or omitted with an explicit target "
+        "means target-only",
+    )
+    group.add_argument(
+        "--gamma",
+        type=int,
+        default=_env_int("GAMMA", 4),
+        help="draft tokens per round (0 = target-only)",
+    )
+    group.add_argument(
+        "--max-slots",
+        type=int,
+        default=_env_int("MAX_SLOTS", 8),
+        help="KV slots (concurrent requests)",
+    )
+    group.add_argument(
+        "--max-len",
+        type=int,
+        default=_env_int("MAX_LEN", 2048),
+        help="tokens per slot (prompt + output)",
+    )
+    group.add_argument(
+        "--dtype", default=_env("DTYPE", "auto"), choices=["auto", "bf16", "fp16", "fp32"]
+    )
+    group.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=_env_int("THREADS", 0),
+        help="CPU threads (0 = torch default)",
+    )
+
+
+def build_engine(args: argparse.Namespace):
+    """Loads the pair named by ``args`` and returns (engine, target LoadedModel, draft)."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.loader import load_pair
+
+    target, draft = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    gamma = args.gamma if draft is not None else 0
+    config = EngineConfig(
+        gamma=gamma,
+        max_slots=args.max_slots,
+        max_len=args.max_len,
+        dtype=args.dtype,
+        device=args.device,
+        num_threads=args.threads or None,
+    )
+    engine = Engine(
+        target.model, draft.model if draft is not None else None, config, target.tokenizer
+    )
+    return engine, target, draft
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.config import SamplingParams
+
+    started = time.perf_counter()
+    engine, target, draft = build_engine(args)
+    loaded = time.perf_counter()
+    prompt = args.prompt
+    if args.chat:
+        prompt = target.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
+    request_id = engine.add_request(prompt, params)
+    stats = None
+    while engine.has_work():
+        for output in engine.step():
+            if output.request_id != request_id:
+                continue
+            sys.stdout.write(output.new_text)
+            sys.stdout.flush()
+            if output.finished:
+                stats, reason = output.stats, output.finish_reason
+    sys.stdout.write("\n")
+    elapsed = time.perf_counter() - loaded
+    assert stats is not None
+    generated = engine.stats.generated_tokens
+    print(
+        f"[specserve] target={target.name} draft={draft.name if draft else None} "
+        f"gamma={engine.gamma} finish={reason} tokens={generated} "
+        f"rounds={stats.rounds} acceptance={stats.acceptance_rate:.1%} "
+        f"tokens/round={stats.mean_accepted_per_round:.2f} "
+        f"tok/s={generated / elapsed:.2f} load={loaded - started:.1f}s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="specserve", description="OpenAI-compatible speculative-decoding server"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    add_model_arguments(serve)
+    serve.add_argument("--model-name", default=_env("MODEL_NAME"), help="name clients use")
+    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=_env_int("PORT", 8000))
+    serve.add_argument("--api-key", default=_env("API_KEY"), help="require this Bearer key")
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=_env_int("MAX_QUEUE", 64),
+        help="waiting requests before 429",
+    )
+
+    generate = commands.add_parser("generate", help="complete one prompt in the terminal")
+    generate.add_argument("prompt")
+    add_model_arguments(generate)
+    generate.add_argument("--max-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", help="stop string (repeatable)")
+    generate.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wrap the prompt in the chat template",
+    )
+
+    bench = commands.add_parser("bench", help="benchmark speculative vs target-only decoding")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for engine.bench")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "bench":
+        from engine.bench import main as bench_main
+
+        return bench_main(args.bench_args)
+    from server.serve import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

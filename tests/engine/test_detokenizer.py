@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from engine.config import SamplingParams
+from engine.detokenizer import OutputProcessor
+from engine.request import Request
+
+
+def _request(tokenizer, **params) -> Request:
+    params.setdefault("max_tokens", 100)
+    return Request("r", [1], SamplingParams(**params), seed=0, gamma=0, max_new_tokens=100)
+
+
+def _stream(tokenizer, text: str, chunk: int, **params) -> tuple[str, Request, list[str]]:
+    processor = OutputProcessor(tokenizer, {tokenizer.eos_token_id})
+    request = _request(tokenizer, **params)
+    ids = tokenizer(text).input_ids
+    deltas = []
+    for start in range(0, len(ids), chunk):
+        _, delta = processor.append(request, ids[start : start + chunk])
+        deltas.append(delta)
+        if request.finish_reason:
+            break
+    return "".join(deltas), request, deltas
+
+
+def test_stream_without_stops_reproduces_the_text(tokenizer) -> None:
+    text = "the quick brown fox jumps over the lazy dog"
+    for chunk in (1, 3, 50):
+        streamed, request, _ = _stream(tokenizer, text, chunk)
+        assert streamed == text and request.finish_reason is None
+
+
+def test_stop_string_split_across_tokens_and_chunks_is_caught(tokenizer) -> None:
+    text = "the quick brown fox jumps over the lazy dog"
+    for chunk in (1, 2, 5, 50):
+        streamed, request, _ = _stream(tokenizer, text, chunk, stop=["fox jum"])
+        assert streamed == "the quick brown "
+        assert request.finish_reason == "stop"
+        # Tokens after the one that completed the stop string are dropped.
+        assert "fox jum" in tokenizer.decode(request.output_token_ids)
+        assert "fox jum" not in tokenizer.decode(request.output_token_ids[:-1])
+
+
+def test_possible_stop_prefix_is_held_back_until_resolved(tokenizer) -> None:
+    processor = OutputProcessor(tokenizer, {tokenizer.eos_token_id})
+    request = _request(tokenizer, stop=["lazy cat"])
+    ids = tokenizer("over the lazy dog").input_ids
+    emitted = ""
+    for token in ids:
+        _, delta = processor.append(request, [token])
+        emitted += delta
+        assert not emitted.endswith("lazy")  # never streamed while it could still be a stop
+    assert emitted == "over the lazy dog" and request.finish_reason is None
+
+
+def test_incomplete_utf8_is_held_back(tokenizer) -> None:
+    text = "héllo wörld ☃"
+    streamed, _, deltas = _stream(tokenizer, text, 1)
+    assert streamed == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_eos_and_stop_token_ids_finish_and_are_not_in_text(tokenizer) -> None:
+    processor = OutputProcessor(tokenizer, {tokenizer.eos_token_id})
+    request = _request(tokenizer)
+    ids = tokenizer("hello world").input_ids
+    tokens, delta = processor.append(request, ids + [tokenizer.eos_token_id] + ids)
+    assert tokens == ids + [tokenizer.eos_token_id]
+    assert delta == "hello world" and request.finish_reason == "stop"
+    ignoring = _request(tokenizer, ignore_eos=True, stop_token_ids=[ids[1]])
+    tokens, _ = processor.append(ignoring, [tokenizer.eos_token_id] + ids)
+    assert tokens == [tokenizer.eos_token_id] + ids[:2]
+
+
+def test_max_new_tokens_finishes_with_length(tokenizer) -> None:
+    processor = OutputProcessor(tokenizer, set())
+    request = _request(tokenizer)
+    request.max_new_tokens = 3
+    tokens, _ = processor.append(request, [40, 41, 42, 43, 44])
+    assert tokens == [40, 41, 42] and request.finish_reason == "length"

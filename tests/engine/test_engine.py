@@ -1,0 +1,272 @@
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from engine.config import EngineConfig, SamplingParams
+from engine.engine import Engine, PromptTooLongError
+from engine.runner import RaggedBatch
+from tests.engine.conftest import ARCHITECTURES, perturbed, tiny_model
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], list(range(40, 63)), [7]]
+NEW_TOKENS = 20
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+
+
+@functools.cache
+def models(arch: str):
+    target = tiny_model(arch, seed=0)
+    unrelated = tiny_model(arch, seed=1, layers=1, hidden=32)
+    return target, unrelated
+
+
+@functools.cache
+def hf_greedy(arch: str) -> list[list[int]]:
+    target, _ = models(arch)
+    result = []
+    for prompt in PROMPTS:
+        out = target.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        result.append(out[0, len(prompt) :].tolist())
+    return result
+
+
+def engine(target, draft, gamma: int, max_slots: int = 4, max_len: int = 128) -> Engine:
+    return Engine(target, draft, EngineConfig(gamma=gamma, max_slots=max_slots, max_len=max_len))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_target_only_matches_hf_generate(arch: str) -> None:
+    target, _ = models(arch)
+    results = engine(target, None, gamma=0).generate(PROMPTS, GREEDY)
+    assert [r.token_ids for r in results] == hf_greedy(arch)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("gamma", [1, 3, 8])
+@pytest.mark.parametrize("draft_kind", ["same", "unrelated"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_speculation_is_token_identical(
+    arch: str, gamma: int, draft_kind: str, batch: int
+) -> None:
+    target, unrelated = models(arch)
+    draft = target if draft_kind == "same" else unrelated
+    eng = engine(target, draft, gamma)
+    prompts = PROMPTS[:batch]
+    results = eng.generate(prompts, GREEDY)
+    assert [r.token_ids for r in results] == hf_greedy(arch)[:batch]
+    assert eng.stats.drafted > 0
+    if draft_kind == "same":
+        assert eng.stats.acceptance_rate == 1.0
+    else:
+        assert eng.stats.acceptance_rate < 0.2
+
+
+def test_partial_acceptance_with_mixed_row_gammas() -> None:
+    target, _ = models("qwen2")
+    eng = engine(target, perturbed(target, 0.1), gamma=5)
+    params = [
+        SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, gamma=g)
+        for g in (5, 2, 0, 3)
+    ]
+    results = eng.generate(PROMPTS, params)
+    assert [r.token_ids for r in results] == hf_greedy("qwen2")
+    assert 0.2 < eng.stats.acceptance_rate < 0.95
+    assert results[2].stats.drafted == 0
+    assert all(
+        len(r.stats.acceptance_histogram) == p.gamma + 1
+        for r, p in zip(results, params, strict=True)
+    )
+
+
+def _fresh_cache(model, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ref = engine(model, None, gamma=0, max_slots=1)
+    ref.target.forward(RaggedBatch([tokens], [0], [0], [len(tokens)]), output="none")
+    cache = ref.target.cache
+    return [
+        (cache.slot_keys(i, 0, len(tokens)), cache.slot_values(i, 0, len(tokens)))
+        for i in range(len(cache.keys))
+    ]
+
+
+def test_rollback_leaves_caches_as_if_rejected_tokens_never_came() -> None:
+    target, _ = models("llama")
+    draft = perturbed(target, 0.15)
+    eng = engine(target, draft, gamma=6, max_slots=2)
+    eng.add_request(PROMPTS[2], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    rejected_rounds = 0
+    while eng.has_work() and rejected_rounds < 3:
+        before = eng.stats.drafted - eng.stats.accepted
+        eng.step()
+        request = next(iter(eng.scheduler.running.values()), None)
+        if request is None or eng.stats.drafted - eng.stats.accepted == before:
+            continue
+        rejected_rounds += 1
+        tokens = request.token_ids
+        for runner, length in ((eng.target, request.target_len), (eng.proposer.runner, None)):
+            length = request.draft_len if length is None else length
+            assert length <= len(tokens) - 1
+            reference = _fresh_cache(runner.model, tokens[:length])
+            for layer, (ref_k, ref_v) in enumerate(reference):
+                torch.testing.assert_close(
+                    runner.cache.slot_keys(layer, request.slot, length), ref_k
+                )
+                torch.testing.assert_close(
+                    runner.cache.slot_values(layer, request.slot, length), ref_v
+                )
+    assert rejected_rounds == 3
+
+
+def test_finished_slot_serves_a_new_request_without_leaking() -> None:
+    target, unrelated = models("gpt2")
+    eng = engine(target, unrelated, gamma=3, max_slots=1)
+    # A long first request fills the slot deep; the second must not see any of it.
+    first = eng.generate(
+        [PROMPTS[2]], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    )
+    second = eng.generate([PROMPTS[1]], GREEDY)
+    assert first[0].finish_reason == "length"
+    assert second[0].token_ids == hf_greedy("gpt2")[1]
+    assert eng.scheduler.num_free_slots == 1
+
+
+def test_more_requests_than_slots_queue_and_all_finish() -> None:
+    target, unrelated = models("qwen3")
+    eng = engine(target, unrelated, gamma=2, max_slots=2)
+    results = eng.generate(PROMPTS, GREEDY)
+    assert [r.token_ids for r in results] == hf_greedy("qwen3")
+
+
+def test_abort_frees_the_slot_and_reports_abort() -> None:
+    target, unrelated = models("qwen2")
+    eng = engine(target, unrelated, gamma=2, max_slots=1)
+    running = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=50, temperature=0))
+    waiting = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=50, temperature=0))
+    eng.step()
+    assert eng.num_running == 1 and eng.num_waiting == 1
+    eng.abort(running)
+    eng.abort(waiting)
+    outputs = {o.request_id: o for o in eng.step()}
+    assert outputs[running].finish_reason == "abort" and outputs[running].finished
+    assert outputs[waiting].finish_reason == "abort"
+    assert eng.scheduler.num_free_slots == 1 and not eng.has_work()
+
+
+def test_max_tokens_and_context_limit_end_with_length() -> None:
+    target, unrelated = models("opt")
+    eng = engine(target, target, gamma=4, max_len=40)
+    short = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert len(short[0].token_ids) == 5 and short[0].finish_reason == "length"
+    (long,) = eng.generate(
+        [PROMPTS[2]], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    )
+    assert len(PROMPTS[2]) + len(long.token_ids) == 40 and long.finish_reason == "length"
+
+
+def test_learned_position_models_clamp_max_len() -> None:
+    target, _ = models("gpt2")  # 256 learned positions
+    eng = engine(target, target, gamma=4, max_len=4096)
+    assert eng.max_len <= 256 - 4
+
+
+def test_too_long_prompt_is_refused_before_taking_a_slot() -> None:
+    target, _ = models("llama")
+    eng = engine(target, None, gamma=0, max_len=16)
+    with pytest.raises(PromptTooLongError, match="16"):
+        eng.add_request(list(range(3, 19)), GREEDY)
+    assert not eng.has_work() and eng.scheduler.num_free_slots == 4
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request([], GREEDY)
+    with pytest.raises(ValueError, match="token ids"):
+        eng.add_request([10_000], GREEDY)
+
+
+def test_eos_stops_with_reason_stop() -> None:
+    target, unrelated = models("llama")
+    expected = hf_greedy("llama")[0]
+    eos = expected[6]
+    target.generation_config.eos_token_id = eos
+    try:
+        eng = engine(target, unrelated, gamma=3)
+        (result,) = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+    finally:
+        target.generation_config.eos_token_id = 2
+    cut = expected.index(eos)
+    assert result.token_ids == expected[: cut + 1]
+    assert result.finish_reason == "stop"
+
+
+def test_stop_token_ids_stop_generation() -> None:
+    target, _ = models("gpt_neox")
+    expected = hf_greedy("gpt_neox")[1]
+    params = SamplingParams(
+        max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, stop_token_ids=[expected[4]]
+    )
+    (result,) = engine(target, target, gamma=8).generate([PROMPTS[1]], params)
+    assert result.token_ids == expected[: expected.index(expected[4]) + 1]
+    assert result.finish_reason == "stop"
+
+
+def test_stop_strings_cut_text_and_tokens(tokenizer) -> None:
+    target, _ = models("qwen2")
+    eng = Engine(target, target, EngineConfig(gamma=8, max_slots=2, max_len=128), tokenizer)
+    full = eng.generate(["hello"], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    text = full.text
+    assert len(text) > 10
+    # A stop string that spans several tokens, all accepted in one round (draft == target).
+    stop = text[4:9]
+    (cut,) = eng.generate(
+        ["hello"], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
+    )
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.index(stop)]
+    assert stop not in cut.text
+    assert len(cut.token_ids) < len(full.token_ids)
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)]
+    assert stop in tokenizer.decode(cut.token_ids)
+    assert stop not in tokenizer.decode(cut.token_ids[:-1])
+
+
+def test_stats_are_consistent() -> None:
+    target, _ = models("qwen2")
+    eng = engine(target, perturbed(target, 0.1), gamma=4)
+    results = eng.generate(PROMPTS, GREEDY)
+    for r in results:
+        s = r.stats
+        assert sum(s.acceptance_histogram) <= s.rounds
+        assert sum(k * c for k, c in enumerate(s.acceptance_histogram)) == s.accepted
+        assert s.accepted + s.rounds == len(r.token_ids)
+        assert s.first_token_time is not None and s.finish_time >= s.first_token_time
+    assert eng.stats.accepted == sum(r.stats.accepted for r in results)
+    assert eng.stats.generated_tokens == len(PROMPTS) * NEW_TOKENS
+    assert eng.stats.mean_accepted_per_round > 1.0 and eng.stats.tokens_per_second > 0
+
+
+def test_logprobs_match_target_distribution() -> None:
+    target, unrelated = models("llama")
+    eng = engine(target, unrelated, gamma=3)
+    params = SamplingParams(
+        max_tokens=6, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=2
+    )
+    (result,) = eng.generate([PROMPTS[0]], params)
+    sequence = PROMPTS[0] + result.token_ids
+    with torch.no_grad():
+        reference = target(torch.tensor([sequence])).logits[0].log_softmax(-1)
+    assert len(result.logprobs) == 6
+    for offset, lp in enumerate(result.logprobs):
+        position = len(PROMPTS[0]) - 1 + offset
+        assert lp.token_id == sequence[position + 1]
+        assert lp.logprob == pytest.approx(reference[position, lp.token_id].item(), abs=1e-4)
+        assert len(lp.top) == 3 and max(lp.top.values()) == pytest.approx(lp.logprob, abs=1e-4)
+    prompt_lps = result.prompt_logprobs
+    assert len(prompt_lps) == len(PROMPTS[0]) and prompt_lps[0] is None
+    for position, lp in enumerate(prompt_lps[1:]):
+        assert lp.token_id == sequence[position + 1] and len(lp.top) == 2
+        assert lp.logprob == pytest.approx(reference[position, lp.token_id].item(), abs=1e-4)

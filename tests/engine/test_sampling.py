@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.sampling import ACCEPT_TEST, DRAFT_SAMPLE, sample_from, uniform, warp_probs
+
+
+def test_uniform_is_a_pure_function_of_seed_position_and_purpose() -> None:
+    seeds = torch.tensor([1, 2, 3])
+    positions = torch.tensor([[10, 11], [10, 11], [10, 11]])
+    first = uniform(seeds, positions, DRAFT_SAMPLE)
+    assert torch.equal(first, uniform(seeds, positions, DRAFT_SAMPLE))
+    # Row 1 alone gives the same numbers as inside the batch: batch-independence.
+    assert torch.equal(first[1], uniform(seeds[1:2], positions[1:2], DRAFT_SAMPLE)[0])
+    assert not torch.equal(first, uniform(seeds, positions, ACCEPT_TEST))
+    assert len(set(first.flatten().tolist())) == 6
+
+
+def test_uniform_is_uniform() -> None:
+    values = uniform(torch.tensor([7]), torch.arange(200_000)[None], DRAFT_SAMPLE).flatten()
+    assert values.dtype == torch.float64
+    assert values.min().item() >= 0.0 and values.max().item() < 1.0
+    histogram = torch.histc(values.float(), bins=20, min=0, max=1)
+    assert (histogram - 10_000).abs().max().item() < 600  # ~6 sigma
+    assert abs(values[:-1].sub(0.5).mul(values[1:].sub(0.5)).mean().item()) < 0.002
+
+
+def _reference_warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
+    probs = (logits / temperature).softmax(-1)
+    order = probs.argsort(descending=True).tolist()
+    keep: list[int] = []
+    mass = 0.0
+    for rank, token in enumerate(order):
+        if top_k and rank >= top_k:
+            break
+        if mass >= top_p:
+            break
+        keep.append(token)
+        mass += probs[token].item() / probs[order[: top_k or len(order)]].sum().item()
+    out = torch.zeros_like(probs)
+    out[keep] = probs[keep]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 3, 1.0), (1.5, 0, 0.7), (0.8, 5, 0.5)]
+)
+def test_warp_matches_a_plain_reference(temperature: float, top_k: int, top_p: float) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 16) * 2
+    rows = logits.shape[0]
+    warped = warp_probs(
+        logits,
+        torch.full((rows,), temperature),
+        torch.full((rows,), top_k),
+        torch.full((rows,), top_p),
+    )
+    for b in range(rows):
+        for k in range(2):
+            expected = _reference_warp(logits[b, k], temperature, top_k, top_p)
+            torch.testing.assert_close(warped[b, k], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_warp_applies_settings_per_row() -> None:
+    logits = torch.randn(2, 1, 10)
+    warped = warp_probs(
+        logits, torch.tensor([1.0, 1.0]), torch.tensor([2, 0]), torch.tensor([1.0, 1.0])
+    )
+    assert (warped[0, 0] > 0).sum().item() == 2
+    assert (warped[1, 0] > 0).sum().item() == 10
+
+
+def test_sample_from_follows_the_distribution_and_skips_zero_mass() -> None:
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.25])
+    u = uniform(torch.tensor([3]), torch.arange(40_000)[None], DRAFT_SAMPLE)[0]
+    tokens = sample_from(probs.expand(40_000, 5), u)
+    counts = torch.bincount(tokens, minlength=5).double() / 40_000
+    assert counts[0] == 0 and counts[2] == 0
+    torch.testing.assert_close(counts, probs.double(), atol=0.01, rtol=0)
+    # Unnormalised input samples the same as normalised.
+    assert torch.equal(sample_from(probs.expand(40_000, 5) * 3, u), tokens)

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import engine.verifier as verifier_module
+from engine.config import EngineConfig, SamplingParams
+from engine.engine import Engine
+from engine.sampling import warp_probs
+from engine.verifier import verify
+from tests.engine.conftest import tiny_model
+
+VOCAB = 12
+
+
+def _greedy_inputs(draft: list[list[int]], argmax: list[list[int]], vocab: int = 8):
+    rows, gamma = len(draft), len(draft[0])
+    logits = torch.zeros(rows, gamma + 1, vocab)
+    for b, row in enumerate(argmax):
+        for i, token in enumerate(row):
+            logits[b, i, token] = 5.0
+    return torch.tensor(draft), logits
+
+
+def test_greedy_accepts_matching_prefix_then_target_token() -> None:
+    draft, logits = _greedy_inputs(
+        [[1, 2, 3], [1, 2, 3], [4, 4, 4]], [[1, 2, 3, 7], [1, 5, 3, 7], [0, 4, 4, 6]]
+    )
+    result = verify(
+        draft, None, logits, None,
+        row_gamma=torch.tensor([3, 3, 3]), greedy=torch.ones(3, dtype=torch.bool),
+        seeds=torch.zeros(3, dtype=torch.long), first_position=torch.zeros(3, dtype=torch.long),
+    )  # fmt: skip
+    assert result.accepted_len.tolist() == [3, 1, 0]
+    assert result.tokens[0].tolist() == [1, 2, 3, 7]  # all accepted, then the bonus token
+    assert result.tokens[1, :2].tolist() == [1, 5]  # the target's correction at the mismatch
+    assert result.tokens[2, 0].item() == 0
+
+
+def test_rows_never_accept_past_their_own_gamma() -> None:
+    draft, logits = _greedy_inputs([[1, 2, 3], [1, 2, 3]], [[1, 2, 3, 7], [1, 2, 3, 7]])
+    result = verify(
+        draft, None, logits, None,
+        row_gamma=torch.tensor([1, 0]), greedy=torch.ones(2, dtype=torch.bool),
+        seeds=torch.zeros(2, dtype=torch.long), first_position=torch.zeros(2, dtype=torch.long),
+    )  # fmt: skip
+    assert result.accepted_len.tolist() == [1, 0]
+    assert result.tokens[0, :2].tolist() == [1, 2] and result.tokens[1, 0].item() == 1
+
+
+def test_identical_distributions_accept_everything() -> None:
+    torch.manual_seed(0)
+    rows, gamma = 16, 4
+    probs = torch.rand(rows, gamma + 1, 8).softmax(-1)
+    draft = torch.multinomial(probs[:, :gamma].reshape(-1, 8), 1).view(rows, gamma)
+    result = verify(
+        draft, probs[:, :gamma], probs.log(), probs,
+        row_gamma=torch.full((rows,), gamma), greedy=torch.zeros(rows, dtype=torch.bool),
+        seeds=torch.arange(rows), first_position=torch.full((rows,), 5),
+    )  # fmt: skip
+    assert result.accepted_len.tolist() == [gamma] * rows
+
+
+def _chi_square_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1 % point of chi-square (Wilson-Hilferty approximation)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    total = counts.sum().item()
+    expected = probs * total
+    big = expected >= 5  # pool rare tokens into one bin so the approximation holds
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    stat = (((obs - exp) ** 2) / exp)[keep].sum().item()
+    return stat, int(keep.sum().item()) - 1
+
+
+def _exact_marginals(target, prompt: list[int], steps: int, params: SamplingParams):
+    """Distribution of the token at each of the first ``steps`` positions under the target
+    alone, by enumerating every continuation (the vocabulary is tiny)."""
+    prefixes, weights = [prompt], torch.ones(1, dtype=torch.float64)
+    marginals = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = target(torch.tensor(prefixes)).logits[:, -1:].float()
+        n = len(prefixes)
+        probs = warp_probs(
+            logits, torch.full((n,), params.temperature), torch.full((n,), max(params.top_k, 0)),
+            torch.full((n,), params.top_p),
+        )[:, 0].double()  # fmt: skip
+        joint = weights[:, None] * probs
+        marginals.append(joint.sum(0))
+        prefixes = [p + [t] for p in prefixes for t in range(VOCAB)]
+        weights = joint.reshape(-1)
+    return marginals
+
+
+def _speculative_counts(target, draft, prompt: list[int], steps: int, params_list):
+    eng = Engine(target, draft, EngineConfig(gamma=3, max_slots=64, max_len=32))
+    results = eng.generate([prompt] * len(params_list), params_list)
+    counts = torch.zeros(steps, VOCAB, dtype=torch.float64)
+    for r in results:
+        for position, token in enumerate(r.token_ids[:steps]):
+            counts[position, token] += 1
+    return counts, eng.stats.acceptance_rate
+
+
+SAMPLING_CASES = [
+    {"temperature": 1.0},
+    {"temperature": 0.7, "top_k": 6},
+    {"temperature": 1.3, "top_p": 0.8},
+]
+
+
+@pytest.mark.parametrize("case", SAMPLING_CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_sampled_tokens_follow_the_target_distribution(case: dict, monkeypatch) -> None:
+    target = tiny_model("llama", seed=3, vocab=VOCAB, sharpen=2.0)
+    draft = tiny_model("llama", seed=4, vocab=VOCAB, sharpen=2.0, layers=1)
+    prompt, steps, samples = [3, 5, 7], 3, 4000
+    params = [
+        SamplingParams(max_tokens=steps, ignore_eos=True, seed=seed, **case)
+        for seed in range(samples)
+    ]
+    marginals = _exact_marginals(target, prompt, steps, params[0])
+    counts, acceptance = _speculative_counts(target, draft, prompt, steps, params)
+    assert 0.1 < acceptance < 0.9  # the draft really disagrees: the residual path is exercised
+    for position in range(steps):
+        stat, df = _chi_square(counts[position], marginals[position])
+        assert stat < _chi_square_critical(df), (position, stat, df)
+
+    # The same check must catch a sampler that resamples from the target instead of the
+    # residual on rejection: that over-weights tokens the draft likes.
+    monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)
+    wrong, _ = _speculative_counts(target, draft, prompt, steps, params)
+    worst = max(
+        _chi_square(wrong[pos], marginals[pos])[0] / _chi_square_critical(df)
+        for pos in range(steps)
+    )
+    assert worst > 3.0
+
+
+def test_same_seed_same_output_regardless_of_batch() -> None:
+    target = tiny_model("qwen2", seed=3, sharpen=2.0)
+    draft = tiny_model("qwen2", seed=4, sharpen=2.0, layers=1)
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=42, ignore_eos=True)
+    eng = Engine(target, draft, EngineConfig(gamma=3, max_slots=4, max_len=64))
+    alone = eng.generate([[5, 6, 7]], params)[0].token_ids
+    other = SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True)
+    batched = eng.generate([[9, 9], [5, 6, 7], [1, 2, 3, 4]], [other, params, other])
+    assert batched[1].token_ids == alone
+    unseeded = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    runs = {tuple(r.token_ids) for r in eng.generate([[5, 6, 7]] * 4, unseeded)}
+    assert len(runs) > 1
