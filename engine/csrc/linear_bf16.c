@@ -24,8 +24,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#define ROWS 4
-#define MAX_MB 3
+#define BLOCK 12 /* weight rows per work item; divisible by every tile height below */
+#define MAX_MB 6
+#define MAX_ROWS 12
 
 static inline __m256 bf16x8(const uint16_t *p) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -44,16 +45,15 @@ static inline float hsum(__m256 v) {
 static inline __attribute__((always_inline)) void tile(
     const float *x, int64_t ldx, const uint16_t *w, int64_t K, const float *bias, float *y,
     int64_t N, const int rows, const int mb) {
-    __m256 acc[ROWS][MAX_MB];
+    __m256 acc[MAX_ROWS][MAX_MB];
     for (int r = 0; r < rows; r++)
         for (int m = 0; m < mb; m++) acc[r][m] = _mm256_setzero_ps();
     const int64_t k8 = K & ~(int64_t)7;
     for (int64_t k = 0; k < k8; k += 8) {
-        __m256 xv[MAX_MB];
-        for (int m = 0; m < mb; m++) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
         for (int r = 0; r < rows; r++) {
             __m256 wv = bf16x8(w + r * K + k);
-            for (int m = 0; m < mb; m++) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+            for (int m = 0; m < mb; m++)
+                acc[r][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k), acc[r][m]);
         }
     }
     if (k8 < K) {
@@ -72,39 +72,53 @@ static inline __attribute__((always_inline)) void tile(
         }
 }
 
-/* Weight rows [n, n + rows) against every row of x, in chunks of MAX_MB; after the first chunk
- * the rows come from L1/L2, not memory. */
+/* Tile heights per chunk size: about 12 accumulators, the most that fit beside the x and
+ * weight registers. */
+static const int ROWS_FOR_MB[MAX_MB + 1] = {0, 6, 6, 4, 3, 2, 2};
+
+#define TILES(R)                                                                   \
+    static void tiles_##R(const float *x, int64_t ldx, const uint16_t *w, int64_t K, \
+                          const float *b, float *y, int64_t N, int mb) {           \
+        switch (mb) {                                                              \
+        case 1: tile(x, ldx, w, K, b, y, N, R ? R : 6, 1); break;                 \
+        case 2: tile(x, ldx, w, K, b, y, N, R ? R : 6, 2); break;                 \
+        case 3: tile(x, ldx, w, K, b, y, N, R ? R : 4, 3); break;                 \
+        case 4: tile(x, ldx, w, K, b, y, N, R ? R : 3, 4); break;                 \
+        case 5: tile(x, ldx, w, K, b, y, N, R ? R : 2, 5); break;                 \
+        default: tile(x, ldx, w, K, b, y, N, R ? R : 2, 6); break;                \
+        }                                                                          \
+    }
+TILES(0) /* full tiles, height ROWS_FOR_MB[mb] */
+TILES(1) /* single rows, for the last partial block */
+
+/* Weight rows [n, n + rows) against every row of x in chunks of at most MAX_MB; after the
+ * first chunk the block is re-read from L1/L2, not memory. Chunks are balanced (M=8 is 4+4,
+ * not 6+2) so that each one keeps enough accumulators busy. */
 static void row_block(const float *x, int64_t ldx, const uint16_t *w, const float *bias,
                       float *y, int64_t M, int64_t N, int64_t K, int64_t n, int rows) {
-    const uint16_t *wn = w + n * K;
-    const float *bn = bias ? bias + n : NULL;
-    for (int64_t m = 0; m < M; m += MAX_MB) {
+    const int64_t chunks = (M + MAX_MB - 1) / MAX_MB;
+    for (int64_t c = 0, m = 0; c < chunks; c++) {
+        int mb = (int)((M - m) / (chunks - c) + ((M - m) % (chunks - c) != 0));
         const float *xm = x + m * ldx;
         float *ym = y + m * N + n;
-        int64_t mb = M - m < MAX_MB ? M - m : MAX_MB;
-        if (rows == ROWS) {
-            if (mb == 3) tile(xm, ldx, wn, K, bn, ym, N, ROWS, 3);
-            else if (mb == 2) tile(xm, ldx, wn, K, bn, ym, N, ROWS, 2);
-            else tile(xm, ldx, wn, K, bn, ym, N, ROWS, 1);
+        if (rows == BLOCK) {
+            for (int r = 0; r < rows; r += ROWS_FOR_MB[mb])
+                tiles_0(xm, ldx, w + (n + r) * K, K, bias ? bias + n + r : NULL, ym + r, N, mb);
         } else {
-            for (int r = 0; r < rows; r++) {
-                const uint16_t *wr = wn + r * K;
-                const float *br = bn ? bn + r : NULL;
-                if (mb == 3) tile(xm, ldx, wr, K, br, ym + r, N, 1, 3);
-                else if (mb == 2) tile(xm, ldx, wr, K, br, ym + r, N, 1, 2);
-                else tile(xm, ldx, wr, K, br, ym + r, N, 1, 1);
-            }
+            for (int r = 0; r < rows; r++)
+                tiles_1(xm, ldx, w + (n + r) * K, K, bias ? bias + n + r : NULL, ym + r, N, mb);
         }
+        m += mb;
     }
 }
 
 void specserve_linear_bf16(const float *x, int64_t ldx, const uint16_t *w, const float *bias,
                            float *y, int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t blocks = (N + ROWS - 1) / ROWS;
+    const int64_t blocks = (N + BLOCK - 1) / BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t n = b * ROWS;
-        int rows = N - n < ROWS ? (int)(N - n) : ROWS;
+        int64_t n = b * BLOCK;
+        int rows = N - n < BLOCK ? (int)(N - n) : BLOCK;
         row_block(x, ldx, w, bias, y, M, N, K, n, rows);
     }
 }
