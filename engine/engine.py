@@ -313,6 +313,7 @@ class Engine:
                 stats.first_token_time = time.monotonic()
             tokens, text = self.processor.append(request, host[index][: accepted + 1])
             emitted_counts.append(len(tokens))
+            stats.generated += len(tokens)
             row_logprobs = logprobs[index][: len(tokens)] if logprobs else None
             if request.finish_reason is not None:
                 self.scheduler.release(request)

@@ -28,8 +28,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from engine.runner import SUPPORTED_MODEL_TYPES
+
 DEFAULT_PAIR = "qwen2.5-coder"
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "opt", "qwen2", "qwen3")
 _SUPPORTED = f"supported architectures: {', '.join(SUPPORTED_MODEL_TYPES)}"
 # Bumped when the converted layout changes, so stale caches get rebuilt rather than misread.
 CONVERSION_FORMAT = 1

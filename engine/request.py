@@ -27,6 +27,7 @@ class RequestStats:
     rounds: int = 0  # speculative rounds this request took part in
     drafted: int = 0  # draft tokens proposed for it
     accepted: int = 0  # draft tokens the target accepted
+    generated: int = 0  # tokens emitted
     # acceptance_histogram[k] = rounds in which exactly k draft tokens were accepted
     acceptance_histogram: list[int] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
@@ -41,6 +42,13 @@ class RequestStats:
     def mean_accepted_per_round(self) -> float:
         """Tokens emitted per round: accepted drafts plus the target's own token."""
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens over the request's life so far, queueing and prefill included."""
+        end = self.finish_time if self.finish_time is not None else time.monotonic()
+        elapsed = end - self.arrival_time
+        return self.generated / elapsed if elapsed > 0 else 0.0
 
 
 @dataclass

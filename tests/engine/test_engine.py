@@ -244,6 +244,7 @@ def test_stats_are_consistent() -> None:
         assert sum(k * c for k, c in enumerate(s.acceptance_histogram)) == s.accepted
         assert s.accepted + s.rounds == len(r.token_ids)
         assert s.first_token_time is not None and s.finish_time >= s.first_token_time
+        assert s.generated == len(r.token_ids) and s.tokens_per_second > 0
     assert eng.stats.accepted == sum(r.stats.accepted for r in results)
     assert eng.stats.generated_tokens == len(PROMPTS) * NEW_TOKENS
     assert eng.stats.mean_accepted_per_round > 1.0 and eng.stats.tokens_per_second > 0
