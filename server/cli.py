@@ -146,6 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         default=_env_int("MAX_QUEUE", 64),
         help="waiting requests before 429",
     )
+    serve.add_argument(
+        "--send-timeout",
+        type=float,
+        default=float(_env("SEND_TIMEOUT", "30") or 30),
+        help="seconds a streaming client may stop reading before it is dropped",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level",
+    )
 
     generate = commands.add_parser("generate", help="complete one prompt in the terminal")
     generate.add_argument("prompt")

@@ -1,0 +1,116 @@
+"""POST /v1/chat/completions: messages rendered through the model's chat template."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from server.async_engine import EngineFailure, RequestStream
+from server.context import ServerContext, get_context
+from server.errors import APIError, error_body, error_response
+from server.generation import Choice, collect, make_choices, submit, usage, with_metrics
+from server.logprobs import chat_logprobs
+from server.prompts import Prompt, chat_prompt, submissions
+from server.protocol import ChatCompletionRequest
+from server.sse import DONE, EventStream
+
+router = APIRouter()
+
+
+def _choice(ctx: ServerContext, body: ChatCompletionRequest, choice: Choice) -> dict[str, Any]:
+    logprobs = None
+    if body.logprobs:
+        logprobs = {"content": chat_logprobs(ctx.tokens, choice.logprobs)}
+    return {
+        "index": choice.index,
+        "message": {"role": "assistant", "content": choice.text},
+        "logprobs": logprobs,
+        "finish_reason": choice.finish_reason,
+    }
+
+
+async def _events(
+    ctx: ServerContext,
+    body: ChatCompletionRequest,
+    head: dict[str, Any],
+    stream: RequestStream,
+    choices: list[Choice],
+    prompts: list[Prompt],
+) -> AsyncIterator[dict | str]:
+    def chunk(index: int, delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        item = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None, **extra}
+        result: dict[str, Any] = {**head, "choices": [item]}
+        if body.continuous_usage:
+            result["usage"] = usage(choices, prompts)
+        return result
+
+    try:
+        # The role goes first, before any model work, so clients see the response start at once.
+        for choice in choices:
+            yield chunk(choice.index, {"role": "assistant", "content": ""})
+        async for index, output in stream:
+            choice = choices[index]
+            choice.add(output)
+            wants_logprobs = bool(body.logprobs and output.new_logprobs)
+            if not (output.new_text or output.finished or wants_logprobs):
+                continue  # tokens held back (a possible stop string, an incomplete character)
+            delta = {"content": output.new_text} if output.new_text else {}
+            logprobs = None
+            if body.logprobs:
+                logprobs = {"content": chat_logprobs(ctx.tokens, output.new_logprobs or [])}
+            yield chunk(index, delta, logprobs=logprobs, finish_reason=choice.finish_reason)
+        if body.include_usage:
+            final = {**head, "choices": [], "usage": usage(choices, prompts)}
+            yield with_metrics(final, choices, ctx.engine.gamma)
+    except EngineFailure as exc:
+        yield error_body(500, str(exc))
+    finally:
+        stream.close()
+    yield DONE
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    ctx = get_context(request)
+    arrival = time.monotonic()
+    model = ctx.check_model(body.model)
+    prompt = await run_in_threadpool(chat_prompt, body, ctx)
+    prompts = [prompt]
+    subs = submissions(
+        body,
+        prompts,
+        ctx,
+        max_tokens=body.max_tokens_limit,
+        explicit=body.max_tokens_limit is not None,
+        max_tokens_param="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+        logprobs=body.logprobs_top_n,
+    )
+    stream = submit(ctx, subs, arrival)
+    choices = make_choices(prompts, body.choices_per_prompt)
+    head = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk" if body.stream else "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+    }
+    if body.stream:
+        events = _events(ctx, body, head, stream, choices, prompts)
+        return EventStream(events, ctx.config.send_timeout_s)
+    try:
+        finished = await collect(request, stream, choices)
+    except EngineFailure as exc:
+        raise APIError(500, str(exc)) from None
+    if not finished:
+        return error_response(APIError(400, "the client disconnected"))
+    result = {
+        **head,
+        "choices": [_choice(ctx, body, c) for c in choices],
+        "usage": usage(choices, prompts),
+    }
+    return JSONResponse(with_metrics(result, choices, ctx.engine.gamma))

@@ -1,0 +1,200 @@
+"""Request bodies of the OpenAI-compatible API, validated at the edge.
+
+Unknown fields are ignored, because real clients send more than the spec. Known fields are strict
+(``false`` is not an integer, ``"0.5"`` is not a number), and OpenAI parameters this server cannot
+honour are accepted only at their neutral value rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+
+MAX_LOGPROBS = 20
+MAX_N = 128
+_INT64 = 2**63
+
+TokenId = Annotated[StrictInt, Field(ge=0)]
+TokenIds = list[TokenId]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+Seed = Annotated[StrictInt, Field(ge=-_INT64, le=_INT64 - 1)]
+TopN = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool | None = False
+    continuous_usage_stats: StrictBool | None = False
+
+
+class SamplingFields(_Body):
+    """Fields shared by completions and chat completions."""
+
+    model: StrictStr | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[StrictFloat, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None  # vLLM's extension
+    seed: Seed | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: TokenIds | None = None  # vLLM's extension
+    ignore_eos: StrictBool | None = False  # vLLM's extension, sent by benchmark tools
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    logit_bias: dict[str, StrictFloat] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _neutral_only(self) -> SamplingFields:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise ValueError(f"{name} is not supported by this server: omit it or send 0")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server: omit it")
+        return self
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    # OpenAI's default; an explicit null means "as many as fit", as in vLLM.
+    max_tokens: PositiveInt | None = 16
+    echo: StrictBool | None = False
+    logprobs: TopN | None = None
+    suffix: StrictStr | None = None
+    best_of: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server: omit it")
+        if self.best_of not in (None, 1, self.choices_per_prompt):
+            raise ValueError("best_of is not supported by this server: omit it or set it to n")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        return self
+
+    @property
+    def max_tokens_explicit(self) -> bool:
+        return "max_tokens" in self.model_fields_set and self.max_tokens is not None
+
+
+class ContentPart(_Body):
+    type: StrictStr
+    text: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type not in ("text", "input_text") or self.text is None:
+            raise ValueError(
+                f"content part of type {self.type!r} is not supported: send text parts"
+            )
+        return self
+
+
+class ChatMessage(BaseModel):
+    # Extra keys (tool_calls, tool_call_id, ...) pass through to the chat template.
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            message["content"] = "\n".join(part.text or "" for part in self.content)
+        elif self.content is None:
+            message["content"] = ""
+        return message
+
+
+class ChatTemplateFields(_Body):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: StrictBool | None = True
+    continue_final_message: StrictBool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt_mode(self) -> ChatTemplateFields:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message exclude each other")
+        return self
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: StrictBool | None = False
+    top_logprobs: TopN | None = None
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    @property
+    def max_tokens_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def logprobs_top_n(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(_Body):
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool | None = None
+    add_generation_prompt: StrictBool | None = True
+    continue_final_message: StrictBool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: StrictBool | None = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: StrictStr | None = None
+    tokens: TokenIds

@@ -1,0 +1,72 @@
+"""``specserve serve``: load the pair once, then serve it over HTTP until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+
+from engine.loader import (
+    DEFAULT_PAIR,
+    IncompatiblePairError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
+from server.app import create_app
+from server.context import ServerConfig
+
+log = logging.getLogger("specserve.server")
+
+# Long enough for open streams to finish a round, short enough that Ctrl-C feels prompt.
+_GRACEFUL_SHUTDOWN_S = 5
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """Cheap checks first, so a typo does not cost a model load."""
+    if args.max_queue < 0:
+        return f"--max-queue must be >= 0, got {args.max_queue}"
+    if args.send_timeout <= 0:
+        return f"--send-timeout must be > 0, got {args.send_timeout}"
+    if not 0 <= args.port <= 65535:
+        return f"--port must be in 0..65535, got {args.port}"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.cli import build_engine
+
+    problem = _check_args(args)
+    if problem is not None:
+        print(f"specserve: {problem}", file=sys.stderr)
+        return 2
+    try:
+        engine, target, draft = build_engine(args)
+    except (ModelNotFoundError, IncompatiblePairError, UnsupportedModelError, ValueError) as exc:
+        print(f"specserve: {exc}", file=sys.stderr)
+        return 1
+    model_name = args.model_name or target.name
+    names = [target.name, args.target or DEFAULT_PAIR]
+    aliases = tuple(name for name in dict.fromkeys(names) if name != model_name)
+    config = ServerConfig(
+        model_name=model_name,
+        draft_name=draft.name if draft is not None else None,
+        api_key=args.api_key or None,
+        max_queue=args.max_queue,
+        aliases=aliases,
+        send_timeout_s=args.send_timeout,
+    )
+    log.info(
+        "serving %r (target %s, draft %s, gamma %d) on http://%s:%d",
+        model_name, target.name, config.draft_name, engine.gamma, args.host, args.port,
+    )  # fmt: skip
+    app = create_app(engine, config)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+    )
+    return 0

@@ -1,0 +1,59 @@
+"""The default qwen2.5-coder pair through the server (slow: run with ``-m real``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.loader import ModelNotFoundError, load_pair
+from tests.server.conftest import RunningServer, serve
+
+
+@pytest.fixture(scope="module")
+def real_server() -> Iterator[RunningServer]:
+    try:
+        target, draft = load_pair(None, None, device="cpu", progress=False)
+    except ModelNotFoundError as exc:
+        pytest.skip(f"the default pair is not available: {exc}")
+    assert draft is not None
+    config = EngineConfig(gamma=4, max_slots=2, max_len=512)
+    engine = Engine(target.model, draft.model, config, target.tokenizer)
+    with serve(engine, model_name=target.name, draft_name=draft.name) as running:
+        yield running
+
+
+@pytest.mark.real
+def test_real_pair_completes_code(real_server: RunningServer) -> None:
+    client = real_server.client(timeout=300)
+    result = client.completions.create(
+        model=real_server.context.config.model_name,
+        prompt="def add(a, b):\n    return",
+        max_tokens=4,
+        temperature=0,
+    )
+    assert result.choices[0].text.startswith(" a + b")
+    spec = result.model_extra["metrics"]["speculative_decoding"]
+    assert spec["num_accepted_draft_tokens"] > 0  # the 0.5B draft agrees with the 1.5B target
+
+
+@pytest.mark.real
+def test_real_pair_streams_chat(real_server: RunningServer) -> None:
+    client = real_server.client(timeout=300)
+    chunks = list(
+        client.chat.completions.create(
+            model=real_server.context.config.model_name,
+            messages=[
+                {"role": "user", "content": "Write a Python function that adds two numbers."}
+            ],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() and chunks[-1].usage.completion_tokens <= 8

@@ -1,0 +1,82 @@
+"""`specserve serve` as a user runs it: a separate process configured by flags and environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.cli import main
+from tests.engine.conftest import tiny_model
+from tests.server.conftest import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", seed=0).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_command_end_to_end(model_dir: Path) -> None:
+    port = _free_port()
+    env = os.environ | {
+        "SPECSERVE_PORT": str(port),
+        "SPECSERVE_API_KEY": "k",
+        "SPECSERVE_MAX_SLOTS": "2",
+        "SPECSERVE_LOG_LEVEL": "info",
+    }
+    command = [sys.executable, "-m", "server.cli", "serve", "--target", str(model_dir),
+               "--draft", str(model_dir), "--gamma", "3", "--dtype", "fp32", "--max-len", "128",
+               "--model-name", "served"]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env, cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True
+    )
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, "the server exited during start-up"
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.2)
+        card = httpx.get(f"{url}/v1/models", headers=auth).json()["data"][0]
+        assert card["id"] == "served" and card["max_model_len"] == 128
+        assert card["speculative_decoding"]["num_speculative_tokens"] == 3
+        assert card["speculative_decoding"]["draft_model"] == str(model_dir)
+        body = {"model": str(model_dir), "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
+        result = httpx.post(f"{url}/v1/completions", json=body, headers=auth, timeout=30).json()
+        assert result["model"] == "served" and result["usage"]["completion_tokens"] == 4
+        # A draft identical to the target is always right.
+        assert result["metrics"]["speculative_decoding"]["draft_acceptance_rate"] == 1.0
+    finally:
+        process.terminate()
+        _, log = process.communicate(timeout=30)
+    # uvicorn shuts down gracefully, then re-raises the signal so the parent sees it.
+    assert process.returncode in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in log
+
+
+def test_serve_reports_bad_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--max-queue", "-1"]) == 2
+    assert "--max-queue must be >= 0" in capsys.readouterr().err
+    assert main(["serve", "--target", "/no/such/model", "--draft", "none"]) == 1
+    assert "/no/such/model" in capsys.readouterr().err
