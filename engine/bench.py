@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-task", type=int, default=None, help="prompts per task (all)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--draft-vocab", type=int, default=0, help="draft LM head size (0 = full)")
+    parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--target", default=None)
     parser.add_argument("--draft", default=None)
     parser.add_argument("--dtype", default="auto")
@@ -129,10 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the benchmark needs a draft model")
     prompts = load_prompts(args.prompts, args.per_task)
     max_len = max(len(chat_ids(target, p)) for _, p in prompts) + args.max_tokens + 8
-    config = EngineConfig(gamma=0, max_slots=1, max_len=max_len)
+    config = EngineConfig(gamma=0, max_slots=1, max_len=max_len, cpu_kernels=args.cpu_kernels)
     baseline = Engine(target.model, None, config, target.tokenizer)
-    spec_config = EngineConfig(gamma=args.gamma, max_slots=1, max_len=max_len)
+    spec_config = EngineConfig(
+        gamma=args.gamma,
+        max_slots=1,
+        max_len=max_len,
+        cpu_kernels=args.cpu_kernels,
+        draft_vocab=args.draft_vocab,
+    )
     speculative = Engine(target.model, draft.model, spec_config, target.tokenizer)
+    hf_target = hf_draft = None
+    if not args.no_hf:
+        # Our engines patch their models' linears; HF runs on untouched copies of the weights.
+        hf_target, hf_draft = load_pair(args.target, args.draft, args.dtype, args.device)
     systems = ["target", "spec"] + ([] if args.no_hf else ["hf_target", "hf_assisted"])
 
     # Warm-up: first calls pay one-off allocation and kernel selection.
@@ -147,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         row["target"] = run_engine(baseline, ids, args.max_tokens)
         row["spec"] = run_engine(speculative, ids, args.max_tokens)
         if not args.no_hf:
-            row["hf_target"] = run_hf(target, None, ids, args.max_tokens)
-            row["hf_assisted"] = run_hf(target, draft, ids, args.max_tokens)
+            row["hf_target"] = run_hf(hf_target, None, ids, args.max_tokens)
+            row["hf_assisted"] = run_hf(hf_target, hf_draft, ids, args.max_tokens)
         row["identical"] = row["target"]["token_ids"] == row["spec"]["token_ids"]
         rows.append(row)
         rates = "  ".join(

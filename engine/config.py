@@ -13,6 +13,14 @@ class EngineConfig:
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int | None = None  # CPU intra-op threads; None keeps torch's default
+    # CPU bf16: our small-batch GEMM kernel (engine/cpu_linear.py) and eager attention for the
+    # target, so a 5-token verify costs ~1.2x one token and its logits are bit-identical to
+    # one-token decoding.
+    cpu_kernels: bool = True
+    # Draft LM head restricted to the first N token ids (byte-level BPE ids follow merge order,
+    # i.e. frequency), plus the special tokens at the end of the vocabulary. 0 = full head.
+    # Lossless either way: the target verifies against its full distribution.
+    draft_vocab: int = 0
 
     def __post_init__(self) -> None:
         if self.gamma < 0:
@@ -21,6 +29,8 @@ class EngineConfig:
             raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
 

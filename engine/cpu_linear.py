@@ -37,6 +37,7 @@ _SOURCE = Path(__file__).parent / "csrc" / "linear_bf16.c"
 # so a cache directory shared between machines never serves code a CPU cannot run.
 _CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _DISABLE_ENV = "SPECSERVE_CPU_KERNELS"
+_IO_DTYPES = (torch.float32, torch.bfloat16)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -78,6 +79,7 @@ def _compile(gcc: str) -> Path:
         )
         if proc.returncode != 0:
             raise RuntimeError(f"gcc failed: {proc.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide it from others sharing the cache
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -89,11 +91,11 @@ def _self_check(lib: ctypes.CDLL) -> None:
     # A miscompiled or misloaded kernel must not silently corrupt logits.
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 21, generator=generator)
-    w = torch.randn(7, 21, generator=generator).bfloat16()
-    bias = torch.randn(7, generator=generator)
+    w = torch.randn(13, 21, generator=generator).bfloat16()
+    bias = torch.randn(13, generator=generator)
     got = _run(lib, x, w, bias)
     want = F.linear(x, w.float(), bias)
-    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+    if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         raise RuntimeError("kernel self-check gave wrong results")
 
 
@@ -109,17 +111,19 @@ def _load() -> ctypes.CDLL | None:
         if not _cpu_supported():
             log.info("CPU bf16 kernels need an x86-64 CPU with AVX2 and FMA; using torch")
             return None
-        gcc = shutil.which(os.environ.get("CC", "gcc"))
+        # gcc specifically: its libgomp is the OpenMP runtime torch already loaded, so the
+        # kernel shares torch's thread pool instead of starting a competing one.
+        gcc = shutil.which("gcc")
         if gcc is None:
-            log.warning("no C compiler found; CPU bf16 kernels unavailable, using torch")
+            log.warning("gcc not found; CPU bf16 kernels unavailable, using torch")
             return None
         try:
             lib = ctypes.CDLL(str(_compile(gcc)))
             fn = lib.specserve_linear_bf16
-            fn.restype = None
+            fn.restype = ctypes.c_int
             fn.argtypes = [
-                ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
             ]  # fmt: skip
             _self_check(lib)
         except Exception as exc:  # any failure here must degrade to torch, never crash
@@ -134,48 +138,57 @@ def available() -> bool:
     return _load() is not None
 
 
-def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """fp32 ``x[M, K] @ weight[N, K]^T + bias`` with ``weight`` bf16; returns fp32 [M, N]."""
-    m, k = x.shape
-    n = weight.shape[0]
-    padded = (k + 7) // 8 * 8
-    if padded == k:
-        xf = x.to(torch.float32).contiguous()
-    else:
-        # The kernel reads x in whole 8-lane chunks; zero columns make the tail contribute 0.
-        xf = x.new_zeros((m, padded), dtype=torch.float32)
-        xf[:, :k] = x
-    w = weight.contiguous()
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    y = torch.empty((m, n), dtype=torch.float32)
-    lib.specserve_linear_bf16(
-        xf.data_ptr(), padded, w.data_ptr(), None if b is None else b.data_ptr(),
-        y.data_ptr(), m, n, k, torch.get_num_threads(),
+def _run(
+    lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``x[..., K] @ weight[N, K]^T + bias`` for a contiguous bf16 ``weight``, ``x`` fp32 or bf16.
+
+    Returns None if the kernel could not allocate its (small) scratch buffer.
+    """
+    # Called ~200 times per decode step, so it avoids reshapes and other per-call tensor ops.
+    x = x.contiguous()
+    n, k = weight.shape
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    status = lib.specserve_linear_bf16(
+        x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
+        y.data_ptr(), x.numel() // k, n, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
-    return y
+    return y if status == 0 else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a bf16 ``weight`` on CPU via the kernel; output dtype follows ``x``.
 
-    Falls back to ``F.linear`` when the kernel is unavailable or the inputs do not fit it.
+    Falls back to ``F.linear`` when the kernel is unavailable or the inputs do not fit it
+    (other devices or dtypes, a non-contiguous weight, autograd).
     """
-    lib = _load()
+    lib = _lib if _tried else _load()
     if (
         lib is None
         or weight.dtype != torch.bfloat16
+        or x.dtype not in _IO_DTYPES
+        or not (x.is_cpu and weight.is_cpu)
         or weight.dim() != 2
-        or x.device.type != "cpu"
-        or weight.device.type != "cpu"
-        or x.dtype not in (torch.bfloat16, torch.float32)
+        or not weight.is_contiguous()  # copying the weight on every call would cost more
         or x.shape[-1] != weight.shape[1]
         or x.numel() == 0
+        or weight.numel() == 0
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
-        return F.linear(x, weight, bias)
-    lead = x.shape[:-1]
-    y = _run(lib, x.reshape(-1, x.shape[-1]), weight, bias)
-    return y.to(x.dtype).reshape(*lead, weight.shape[0])
+        return _fallback(x, weight, bias)
+    y = _run(lib, x, weight, bias)
+    return _fallback(x, weight, bias) if y is None else y
+
+
+def _fallback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # Same contract as the kernel (result in x's dtype) even for mixed dtypes, which plain
+    # F.linear rejects; models never mix them, so the weight copy stays off the hot path.
+    if x.dtype != weight.dtype and x.is_floating_point():
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, weight, bias)
 
 
 class FastLinear(nn.Linear):
@@ -225,3 +238,8 @@ def patch_model(model: nn.Module) -> int:
         fast = replaced.setdefault(id(child), FastLinear(child))
         setattr(parent, name, fast)
     return len(replaced)
+
+
+def patch_linear(module: nn.Linear) -> nn.Linear:
+    """``module`` computed by the kernel when it qualifies, else ``module`` itself."""
+    return FastLinear(module) if available() and _eligible(module) else module

@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig, SamplingParams
+from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
 from engine.logprobs import prompt_logprobs, token_logprobs
 from engine.proposer import DraftProposer, DraftRows, RowSampling
@@ -41,6 +42,28 @@ class Completion:
     stats: RequestStats
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+def use_cpu_kernels(model: PreTrainedModel, eager_attention: bool) -> int:
+    """Swaps in the CPU bf16 GEMM kernel; returns how many linears were patched (0 when the
+    model is not bf16 on a CPU, or the kernel cannot be built here)."""
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.bfloat16:
+        return 0
+    patched = patch_model(model)
+    if patched and eager_attention:
+        # SDPA's CPU kernel is not batch-invariant; eager attention is, so a verify forward
+        # gives the very logits one-token decoding would (greedy output identical bit for bit).
+        model.set_attn_implementation("eager")
+    return patched
+
+
+def draft_vocab_subset(size: int, vocab: int, special_ids: set[int]) -> torch.Tensor | None:
+    """The first ``size`` token ids plus the special ones (EOS must stay proposable)."""
+    if size <= 0 or size >= vocab:
+        return None
+    extra = sorted(i for i in special_ids if size <= i < vocab)
+    return torch.cat([torch.arange(size), torch.tensor(extra, dtype=torch.long)])
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:
@@ -83,13 +106,24 @@ class Engine:
         ]
         self.max_len = min(limits)
         capacity = self.max_len + self.gamma + 1
+        if config.cpu_kernels:
+            use_cpu_kernels(target, eager_attention=True)
+            if draft is not None:
+                use_cpu_kernels(draft, eager_attention=False)
         self.target = ModelRunner(target, config.max_slots, capacity)
         self.vocab_size = self.target.vocab_size
+        self.processor = OutputProcessor(tokenizer, _eos_ids(target, tokenizer))
         self.proposer: DraftProposer | None = None
         if draft is not None and self.gamma > 0:
             runner = ModelRunner(draft, config.max_slots, capacity)
-            self.proposer = DraftProposer(runner, self.vocab_size)
-        self.processor = OutputProcessor(tokenizer, _eos_ids(target, tokenizer))
+            special = set(self.processor.eos_token_ids)
+            if tokenizer is not None:
+                special |= set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+            self.proposer = DraftProposer(
+                runner,
+                self.vocab_size,
+                draft_vocab_subset(config.draft_vocab, self.vocab_size, special),
+            )
         self.scheduler = Scheduler(config.max_slots)
         self.stats = EngineStats()
         self.on_round: Callable[[RoundRecord], None] | None = None

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.cpu_linear import patch_linear
 from engine.runner import ModelRunner, RaggedBatch
 from engine.sampling import DRAFT_SAMPLE, sample_from, uniform, warp_probs
 
@@ -41,9 +42,31 @@ class DraftProposer:
     never re-prefilled; later steps feed one token per row without leaving the device.
     """
 
-    def __init__(self, runner: ModelRunner, target_vocab: int) -> None:
+    def __init__(
+        self, runner: ModelRunner, target_vocab: int, vocab_subset: torch.Tensor | None = None
+    ) -> None:
         self.runner = runner
         self.target_vocab = target_vocab
+        self.subset: torch.Tensor | None = None
+        if vocab_subset is not None:
+            # A head over a few frequent tokens (FR-Spec): the full draft head is a large share
+            # of a small model's weights. Outside the subset the draft proposes nothing (q = 0).
+            self.subset = vocab_subset.to(runner.device)
+            weight = runner.lm_head.weight[self.subset].contiguous()
+            self.subset_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            self.subset_head.weight = torch.nn.Parameter(weight, requires_grad=False)
+            self.subset_head = patch_linear(self.subset_head)
+
+    def _logits(self, batch: RaggedBatch) -> torch.Tensor:
+        """Draft logits [B, target vocab] at each row's last token."""
+        if self.subset is None:
+            return self._fit_vocab(self.runner.forward(batch))
+        hidden = self.runner.forward(batch, output="hidden")
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, torch.tensor(batch.num_new, device=hidden.device) - 1]
+        sub_logits = self.subset_head(last).float()
+        logits = sub_logits.new_full((sub_logits.shape[0], self.target_vocab), float("-inf"))
+        return logits.index_copy_(1, self.subset, sub_logits)
 
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         # Same tokenizer, but embedding tables are often padded to different sizes.
@@ -65,7 +88,7 @@ class DraftProposer:
             rows.catch_up, rows.slots, rows.draft_lens, [len(t) for t in rows.catch_up]
         )
         for step in range(gamma):
-            logits = self._fit_vocab(self.runner.forward(batch))  # [B, V]
+            logits = self._logits(batch)  # [B, V]
             token = logits.argmax(-1)
             if not sampling.all_greedy:
                 step_probs = sampling.warp(logits[:, None])[:, 0]

@@ -55,6 +55,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
     group.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=_env_int("DRAFT_VOCAB", 0),
+        help="restrict the draft's LM head to the N most frequent token ids (0 = full)",
+    )
+    group.add_argument(
+        "--cpu-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=_env("CPU_KERNELS", "1") != "0",
+        help="CPU bf16: use specserve's GEMM kernel and eager attention (default on)",
+    )
+    group.add_argument(
         "--threads",
         type=int,
         default=_env_int("THREADS", 0),
@@ -77,6 +89,8 @@ def build_engine(args: argparse.Namespace):
         dtype=args.dtype,
         device=args.device,
         num_threads=args.threads or None,
+        cpu_kernels=args.cpu_kernels,
+        draft_vocab=args.draft_vocab,
     )
     engine = Engine(
         target.model, draft.model if draft is not None else None, config, target.tokenizer

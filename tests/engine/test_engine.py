@@ -5,6 +5,7 @@ import functools
 import pytest
 import torch
 
+from engine import cpu_linear
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine, PromptTooLongError
 from engine.runner import RaggedBatch
@@ -271,3 +272,40 @@ def test_logprobs_match_target_distribution() -> None:
     for position, lp in enumerate(prompt_lps[1:]):
         assert lp.token_id == sequence[position + 1] and len(lp.top) == 2
         assert lp.logprob == pytest.approx(reference[position, lp.token_id].item(), abs=1e-4)
+
+
+def test_restricted_draft_vocabulary_stays_lossless() -> None:
+    target, _ = models("llama")
+    config = EngineConfig(gamma=4, max_slots=4, max_len=128, draft_vocab=100)
+    eng = Engine(target, perturbed(target, 0.05), config)
+    proposed: list[torch.Tensor] = []
+    propose = eng.proposer.propose
+
+    def recording_propose(*args):
+        tokens, probs = propose(*args)
+        proposed.append(tokens)
+        return tokens, probs
+
+    eng.proposer.propose = recording_propose
+    results = eng.generate(PROMPTS, GREEDY)
+    assert [r.token_ids for r in results] == hf_greedy("llama")
+    drafted = torch.cat([p.flatten() for p in proposed])
+    assert drafted.max().item() < 100  # only the first 100 ids, plus specials, are proposable
+    assert eng.stats.accepted > 0
+
+
+@pytest.mark.skipif(not cpu_linear.available(), reason="CPU bf16 kernel not available here")
+def test_bf16_cpu_kernels_keep_speculation_token_identical() -> None:
+    import copy
+
+    base, _ = models("qwen2")
+    target = copy.deepcopy(base).to(torch.bfloat16)
+    draft = perturbed(base, 0.1).to(torch.bfloat16)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    only = engine(target, None, gamma=0).generate(PROMPTS, params)
+    assert isinstance(target.get_output_embeddings(), cpu_linear.FastLinear)
+    assert target.config._attn_implementation == "eager"
+    spec_engine = engine(target, draft, gamma=5)
+    spec = spec_engine.generate(PROMPTS, params)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in only]
+    assert 0 < spec_engine.stats.acceptance_rate < 1

@@ -99,8 +99,9 @@ def _exact_marginals(target, prompt: list[int], steps: int, params: SamplingPara
     return marginals
 
 
-def _speculative_counts(target, draft, prompt: list[int], steps: int, params_list):
-    eng = Engine(target, draft, EngineConfig(gamma=3, max_slots=64, max_len=32))
+def _speculative_counts(target, draft, prompt, steps: int, params_list, draft_vocab: int = 0):
+    config = EngineConfig(gamma=3, max_slots=64, max_len=32, draft_vocab=draft_vocab)
+    eng = Engine(target, draft, config)
     results = eng.generate([prompt] * len(params_list), params_list)
     counts = torch.zeros(steps, VOCAB, dtype=torch.float64)
     for r in results:
@@ -110,14 +111,22 @@ def _speculative_counts(target, draft, prompt: list[int], steps: int, params_lis
 
 
 SAMPLING_CASES = [
-    {"temperature": 1.0},
-    {"temperature": 0.7, "top_k": 6},
-    {"temperature": 1.3, "top_p": 0.8},
+    ({"temperature": 1.0}, 0),
+    ({"temperature": 0.7, "top_k": 6}, 0),
+    ({"temperature": 1.3, "top_p": 0.8}, 0),
+    # A draft head over half the vocabulary: q is 0 elsewhere, the target still decides.
+    ({"temperature": 1.0}, 6),
 ]
 
 
-@pytest.mark.parametrize("case", SAMPLING_CASES, ids=lambda c: "-".join(map(str, c.values())))
-def test_sampled_tokens_follow_the_target_distribution(case: dict, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "case,draft_vocab",
+    SAMPLING_CASES,
+    ids=["t1", "t0.7-topk6", "t1.3-topp0.8", "t1-draftvocab6"],
+)
+def test_sampled_tokens_follow_the_target_distribution(
+    case: dict, draft_vocab: int, monkeypatch
+) -> None:
     target = tiny_model("llama", seed=3, vocab=VOCAB, sharpen=2.0)
     draft = tiny_model("llama", seed=4, vocab=VOCAB, sharpen=2.0, layers=1)
     prompt, steps, samples = [3, 5, 7], 3, 4000
@@ -126,7 +135,7 @@ def test_sampled_tokens_follow_the_target_distribution(case: dict, monkeypatch) 
         for seed in range(samples)
     ]
     marginals = _exact_marginals(target, prompt, steps, params[0])
-    counts, acceptance = _speculative_counts(target, draft, prompt, steps, params)
+    counts, acceptance = _speculative_counts(target, draft, prompt, steps, params, draft_vocab)
     assert 0.1 < acceptance < 0.9  # the draft really disagrees: the residual path is exercised
     for position in range(steps):
         stat, df = _chi_square(counts[position], marginals[position])
@@ -135,7 +144,7 @@ def test_sampled_tokens_follow_the_target_distribution(case: dict, monkeypatch) 
     # The same check must catch a sampler that resamples from the target instead of the
     # residual on rejection: that over-weights tokens the draft likes.
     monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)
-    wrong, _ = _speculative_counts(target, draft, prompt, steps, params)
+    wrong, _ = _speculative_counts(target, draft, prompt, steps, params, draft_vocab)
     worst = max(
         _chi_square(wrong[pos], marginals[pos])[0] / _chi_square_critical(df)
         for pos in range(steps)

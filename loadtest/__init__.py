@@ -1,0 +1,1 @@
+"""Load-test and comparison harness for OpenAI-compatible servers (``python -m loadtest``)."""

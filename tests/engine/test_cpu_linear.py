@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from engine import cpu_linear
+from engine.cpu_linear import FastLinear, linear, patch_model
+from tests.engine.conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(
+    not cpu_linear.available(),
+    reason="CPU bf16 kernel unavailable (needs x86-64 AVX2+FMA and gcc, "
+    "and SPECSERVE_CPU_KERNELS not set to 0)",
+)
+
+
+def _inputs(
+    m: int, n: int, k: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
+    b = torch.randn(n, generator=g)
+    return x, w, b
+
+
+# 70 crosses the kernel's 64-row panels of x.
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 17, 33, 70])
+@pytest.mark.parametrize("n,k", [(37, 61), (64, 128), (130, 8), (9, 1003)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_fp32_reference(m: int, n: int, k: int, with_bias: bool) -> None:
+    x, w, b = _inputs(m, n, k)
+    bias = b if with_bias else None
+    want = F.linear(x, w.float(), bias)
+    # fp32 x gives fp32 output: only the accumulation order differs from the reference.
+    got = linear(x, w, bias)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # bf16 x: the same up to bf16 rounding of the input and of the output.
+    xb = x.bfloat16()
+    got_b = linear(xb, w, None if bias is None else bias.bfloat16())
+    assert got_b.dtype == torch.bfloat16
+    want_b = F.linear(xb.float(), w.float(), None if bias is None else bias.bfloat16().float())
+    torch.testing.assert_close(got_b.float(), want_b, rtol=1e-2, atol=1e-2)
+
+
+def test_leading_dims_and_noncontiguous_input() -> None:
+    x, w, b = _inputs(12, 24, 40)
+    x3 = x.reshape(3, 4, 40).transpose(0, 1)  # non-contiguous [4, 3, 40]
+    got = linear(x3, w, b)
+    assert got.shape == (4, 3, 24)
+    torch.testing.assert_close(got, F.linear(x3, w.float(), b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 5, 8, 17, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariance(m: int, dtype: torch.dtype) -> None:
+    x, w, b = _inputs(m, 203, 1003, seed=m)
+    x = x.to(dtype)
+    full = linear(x, w, b.to(dtype))
+    for i in range(m):
+        alone = linear(x[i : i + 1], w, b.to(dtype))
+        assert torch.equal(full[i : i + 1], alone), f"row {i} of {m} differs"
+    # Independent of the other rows' contents as well as their number.
+    other = torch.randn_like(x.float()).to(dtype)
+    other[0] = x[0]
+    assert torch.equal(linear(other, w, b.to(dtype))[0], full[0])
+
+
+def test_batch_invariance_across_thread_counts() -> None:
+    x, w, _ = _inputs(5, 203, 256)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = linear(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(linear(x, w), one)
+
+
+def test_falls_back_for_unsupported_inputs() -> None:
+    x, w, b = _inputs(3, 8, 16)
+    w32 = w.float()
+    torch.testing.assert_close(linear(x, w32, b), F.linear(x, w32, b))
+    x64 = x.double()
+    assert linear(x64, w.double(), b.double()).dtype == torch.float64
+    wt = w.t().contiguous().t()  # same values, column-major
+    torch.testing.assert_close(linear(x, wt, b), F.linear(x, wt.float(), b))
+    assert linear(x[:0], w, b).shape == (0, 8)
+    xg = x.clone().requires_grad_(True)
+    linear(xg, w.float(), b).sum().backward()  # autograd goes through torch
+    assert xg.grad is not None
+
+
+def _reload(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_linear, "_lib", None)
+    monkeypatch.setattr(cpu_linear, "_tried", False)
+
+
+def test_env_var_disables(monkeypatch: pytest.MonkeyPatch) -> None:
+    _reload(monkeypatch)
+    monkeypatch.setenv("SPECSERVE_CPU_KERNELS", "0")
+    assert not cpu_linear.available()
+    assert patch_model(nn.Sequential(nn.Linear(8, 8).bfloat16())) == 0
+
+
+def test_compile_failure_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _reload(monkeypatch)
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(cpu_linear, "_SOURCE", broken)
+    with caplog.at_level("WARNING", logger="specserve.cpu_linear"):
+        assert not cpu_linear.available()
+        assert not cpu_linear.available()  # tried once, warned once
+    assert len([r for r in caplog.records if "unavailable" in r.message]) == 1
+    assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left
+    x, w, b = _inputs(2, 4, 8)
+    torch.testing.assert_close(linear(x, w, b), F.linear(x, w.float(), b))
+
+
+def test_builds_into_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _reload(monkeypatch)
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
+    assert cpu_linear.available()
+    assert len(list((tmp_path / "kernels").glob("linear_bf16-*.so"))) == 1
+
+
+def test_fast_linear_shares_parameters() -> None:
+    base = nn.Linear(16, 8).bfloat16()
+    fast = FastLinear(base)
+    assert fast.weight is base.weight and fast.bias is base.bias
+    assert isinstance(fast, nn.Linear)
+    assert set(fast.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 16).bfloat16()
+    torch.testing.assert_close(fast(x).float(), base(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def _tiny_qwen2(tied: bool) -> nn.Module:
+    torch.manual_seed(0)
+    config = tiny_config("qwen2", layers=2, hidden=64, vocab=320)
+    config.tie_word_embeddings = tied
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_patch_model_qwen2(tied: bool) -> None:
+    model = _tiny_qwen2(tied)
+    ids = torch.randint(0, 320, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    # Per layer: q, k, v, o and gate, up, down projections; plus the LM head.
+    assert patch_model(model) == 2 * 7 + 1
+    assert isinstance(model.get_output_embeddings(), FastLinear)
+    if tied:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    assert patch_model(model) == 0  # already patched
+
+
+def test_patched_model_verify_forward_matches_decode_steps() -> None:
+    """What speculation relies on: k tokens in one forward give the logits of k decode steps.
+
+    Attention must be batch invariant too; transformers' eager attention is on CPU, SDPA not.
+    """
+    model = _tiny_qwen2(False)
+    model.set_attn_implementation("eager")
+    patch_model(model)
+    g = torch.Generator().manual_seed(3)
+    prompt, new = (
+        torch.randint(0, 320, (1, 20), generator=g),
+        torch.randint(0, 320, (1, 5), generator=g),
+    )
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(prompt, past_key_values=cache, use_cache=True)
+        block = model(new, past_key_values=cache, use_cache=True).logits
+        cache.crop(-new.shape[1])
+        steps = [
+            model(new[:, i : i + 1], past_key_values=cache, use_cache=True).logits
+            for i in range(new.shape[1])
+        ]
+    assert torch.equal(block, torch.cat(steps, dim=1))
+
+
+def test_patch_model_skips_fp32_models() -> None:
+    model = _tiny_qwen2(False).float()
+    assert patch_model(model) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "opt", "gpt2", "gpt_neox"])
+def test_patch_model_other_architectures(arch: str) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    assert patch_model(model) > 0
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
