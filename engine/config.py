@@ -21,6 +21,13 @@ class EngineConfig:
     # i.e. frequency), plus the special tokens at the end of the vocabulary. 0 = full head.
     # Lossless either way: the target verifies against its full distribution.
     draft_vocab: int = 0
+    # Choose each round's gamma (0..gamma) from per-request acceptance and start-up timings of
+    # the draft and verify forwards (engine/gamma.py).
+    adaptive_gamma: bool = False
+    # The draft sees at most this many prompt tokens (0 = all). Prefilling a long prompt into
+    # the draft costs a third of the target's prefill on the default pair, while its guesses
+    # mostly depend on the recent context; verification keeps the output lossless regardless.
+    draft_window: int = 0
 
     def __post_init__(self) -> None:
         if self.gamma < 0:
@@ -29,6 +36,8 @@ class EngineConfig:
             raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.draft_window < 0:
+            raise ValueError(f"draft_window must be >= 0, got {self.draft_window}")
         if self.draft_vocab < 0:
             raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):

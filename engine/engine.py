@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from engine.config import EngineConfig, SamplingParams
 from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
+from engine.gamma import CostModel, calibration_sizes, choose_gamma, measure
 from engine.logprobs import prompt_logprobs, token_logprobs
 from engine.proposer import DraftProposer, DraftRows, RowSampling
 from engine.request import Request, RequestOutput, RequestStats, TokenLogprob
@@ -127,10 +128,36 @@ class Engine:
         self.scheduler = Scheduler(config.max_slots)
         self.stats = EngineStats()
         self.on_round: Callable[[RoundRecord], None] | None = None
+        self.costs: CostModel | None = None
+        if config.adaptive_gamma and self.proposer is not None:
+            self.costs = self._calibrate()
         self._inbox: deque[Request] = deque()
         self._aborts: deque[str] = deque()
         self._lock = threading.Lock()
         log.info(self.describe())
+
+    def _calibrate(self) -> CostModel:
+        """Times verify forwards of 1..slots*(gamma+1) tokens and draft steps of 1..slots rows,
+        in the trash slot, so adaptive gamma knows what each choice costs on this machine."""
+        assert self.proposer is not None
+        trash = self.config.max_slots
+        capacity = self.target.capacity
+
+        def verify(tokens: int) -> None:
+            self.target.forward(RaggedBatch([[0] * tokens], [trash], [0], [tokens]), "all")
+
+        def draft(rows: int) -> None:
+            batch = RaggedBatch([[0]] * rows, [trash] * rows, list(range(rows)), [1] * rows)
+            self.proposer.runner.forward(batch)
+
+        started = time.perf_counter()
+        limit = min(capacity, self.config.max_slots * (self.gamma + 1))
+        costs = CostModel(
+            target=measure(verify, calibration_sizes(limit)),
+            draft=measure(draft, calibration_sizes(min(capacity, self.config.max_slots))),
+        )
+        log.info("adaptive gamma calibrated in %.1f s", time.perf_counter() - started)
+        return costs
 
     def kv_cache_bytes(self) -> int:
         total = self.target.cache.nbytes()
@@ -251,10 +278,21 @@ class Engine:
         )
         wants_logprobs = any(r.prompt_logprobs_pending for r in rows)
         hidden = self.target.forward(batch, output="hidden" if wants_logprobs else "none")
+        window = self.config.draft_window
+        for request in rows:
+            request.target_len = request.num_tokens - 1
+            if window > 0:
+                request.draft_offset = max(0, request.num_tokens - 1 - window)
+            request.draft_len = request.num_tokens - 1 - request.draft_offset
         if self.proposer is not None:
-            self.proposer.runner.forward(batch, output="none")
+            draft_batch = RaggedBatch(
+                [r.prompt_token_ids[r.draft_offset : -1] for r in rows],
+                [r.slot for r in rows],
+                [0] * len(rows),
+                [r.draft_len for r in rows],
+            )
+            self.proposer.runner.forward(draft_batch, output="none")
         for index, request in enumerate(rows):
-            request.target_len = request.draft_len = request.num_tokens - 1
             if request.prompt_logprobs_pending:
                 request.prompt_logprobs_cache = prompt_logprobs(
                     self.target.lm_head,
@@ -282,6 +320,11 @@ class Engine:
         row_gamma = [
             max(0, min(r.gamma, r.max_new_tokens - len(r.output_token_ids) - 1)) for r in batch
         ]
+        if self.costs is not None and max(row_gamma) > 0:
+            prior = self.stats.acceptance_rate if self.stats.drafted else 0.7
+            alphas = [r.acceptance.alpha(prior) for r in batch]
+            best = choose_gamma(alphas, row_gamma, self.gamma, self.costs)
+            row_gamma = [min(g, best) for g in row_gamma]
         gamma = max(row_gamma)
         num_tokens = [r.num_tokens for r in batch]
         sampling = self._sampling(batch)
@@ -290,9 +333,10 @@ class Engine:
         if gamma > 0 and self.proposer is not None:
             rows = DraftRows(
                 slots=[r.slot for r in batch],
-                catch_up=[r.token_ids[r.draft_len :] for r in batch],
+                catch_up=[r.token_ids[r.draft_offset + r.draft_len :] for r in batch],
                 draft_lens=[r.draft_len for r in batch],
-                num_tokens=num_tokens,
+                next_positions=[n - r.draft_offset for n, r in zip(num_tokens, batch, strict=True)],
+                first_positions=num_tokens,
             )
             draft_tokens, draft_probs = self.proposer.propose(rows, gamma, sampling)
         else:
@@ -332,7 +376,7 @@ class Engine:
             n = num_tokens[index]
             request.target_len = n + accepted
             if gamma > 0 and self.proposer is not None:
-                request.draft_len = min(n + accepted, n + gamma - 1)
+                request.draft_len = min(n + accepted, n + gamma - 1) - request.draft_offset
             stats = request.stats
             stats.rounds += 1
             stats.drafted += row_gamma[index]
@@ -343,6 +387,7 @@ class Engine:
                 )
             if row_gamma[index] > 0:
                 stats.acceptance_histogram[accepted] += 1
+                request.acceptance.observe(row_gamma[index], accepted)
             if stats.first_token_time is None:
                 stats.first_token_time = time.monotonic()
             tokens, text = self.processor.append(request, host[index][: accepted + 1])

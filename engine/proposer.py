@@ -31,7 +31,10 @@ class DraftRows:
     slots: list[int]
     catch_up: list[list[int]]  # tokens the draft slot has not seen yet, ending with the last one
     draft_lens: list[int]  # valid K/V length of each draft slot
-    num_tokens: list[int]  # tokens in each sequence; the first draft lands at this position
+    # Where the first draft token lands in the draft slot, which may hold only a window of the
+    # sequence, and in the sequence itself (what the per-position random numbers are keyed on).
+    next_positions: list[int]
+    first_positions: list[int]
 
 
 class DraftProposer:
@@ -81,7 +84,7 @@ class DraftProposer:
         """Returns draft tokens [B, gamma] and, unless all rows are greedy, their warped
         distributions [B, gamma, V]."""
         device = self.runner.device
-        first_position = torch.tensor(rows.num_tokens, device=device)
+        first_position = torch.tensor(rows.first_positions, device=device)
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
         batch = RaggedBatch(
@@ -97,7 +100,7 @@ class DraftProposer:
                 probs.append(step_probs)
             tokens.append(token)
             if step + 1 < gamma:
-                starts = [n + step for n in rows.num_tokens]
+                starts = [n + step for n in rows.next_positions]
                 batch = RaggedBatch(token[:, None], rows.slots, starts, [1] * len(rows.slots))
         draft_probs = torch.stack(probs, 1) if probs else None
         return torch.stack(tokens, 1), draft_probs

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from engine.config import SamplingParams
+from engine.gamma import AcceptanceEstimate
 
 
 class Status(Enum):
@@ -83,11 +84,13 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     target_len: int = 0  # tokens whose K/V is valid in the target slot
     draft_len: int = 0  # tokens whose K/V is valid in the draft slot
+    draft_offset: int = 0  # the draft slot holds token_ids[draft_offset:] (a context window)
     emitted_text_len: int = 0  # characters of the completion already handed out
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     prompt_logprobs_pending: bool = False
     prompt_logprobs_cache: list[TokenLogprob | None] | None = None
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
 
     @property
     def token_ids(self) -> list[int]:

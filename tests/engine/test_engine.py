@@ -309,3 +309,24 @@ def test_bf16_cpu_kernels_keep_speculation_token_identical() -> None:
     spec = spec_engine.generate(PROMPTS, params)
     assert [r.token_ids for r in spec] == [r.token_ids for r in only]
     assert 0 < spec_engine.stats.acceptance_rate < 1
+
+
+def test_draft_context_window_stays_lossless_and_caches_only_the_window() -> None:
+    target, _ = models("llama")
+    draft = perturbed(target, 0.05)
+    config = EngineConfig(gamma=4, max_slots=4, max_len=128, draft_window=5)
+    eng = Engine(target, draft, config)
+    eng.add_request(PROMPTS[2], GREEDY, request_id="long")
+    eng.step()
+    request = eng.scheduler.find("long")
+    assert request.draft_offset == len(PROMPTS[2]) - 1 - 5
+    window = request.token_ids[request.draft_offset : request.draft_offset + request.draft_len]
+    reference = _fresh_cache(draft, window)
+    runner = eng.proposer.runner
+    for layer, (ref_k, _) in enumerate(reference):
+        torch.testing.assert_close(
+            runner.cache.slot_keys(layer, request.slot, request.draft_len), ref_k
+        )
+    results = eng.generate(PROMPTS, GREEDY)
+    assert [r.token_ids for r in results] == hf_greedy("llama")
+    assert eng.stats.accepted > 0

@@ -1,0 +1,99 @@
+"""Adaptive draft length: pick each round's gamma (0 included) for the most tokens per second.
+
+Per request, draft tokens are accepted one after another until the first rejection, so the
+number accepted is (truncated) geometric in a per-token acceptance probability alpha. From a
+round that drafted g tokens and accepted a, the evidence is a successes plus one failure when
+a < g; alpha's estimate is successes / (successes + failures), started from the engine-wide
+rate so a new request is not judged on one round. A row then gains
+
+    E(g) = (1 - alpha^(g + 1)) / (1 - alpha)    tokens per round (the target's own token included)
+
+and a round over B rows costs g draft steps plus one verify over B * (g + 1) tokens. Both costs
+are measured once at start-up for the engine's shapes: on a memory-bound CPU a 5-token verify
+costs about as much as a 1-token one, but once the batch is large it does not, so the best
+gamma shrinks with load down to 0 (plain decoding) where speculation stops paying.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+PRIOR_WEIGHT = 4.0  # pseudo-observations of the engine-wide rate behind each request's estimate
+
+
+@dataclass
+class AcceptanceEstimate:
+    successes: float = 0.0
+    failures: float = 0.0
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.successes += accepted
+        self.failures += 1.0 if accepted < drafted else 0.0
+
+    def alpha(self, prior: float) -> float:
+        s = self.successes + PRIOR_WEIGHT * prior
+        f = self.failures + PRIOR_WEIGHT * (1.0 - prior)
+        return s / (s + f)
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class CostModel:
+    """Seconds per forward as a function of the tokens it carries, by linear interpolation."""
+
+    target: dict[int, float] = field(default_factory=dict)  # tokens -> seconds
+    draft: dict[int, float] = field(default_factory=dict)
+
+    @staticmethod
+    def _lookup(table: dict[int, float], tokens: int) -> float:
+        sizes = sorted(table)
+        if tokens <= sizes[0]:
+            return table[sizes[0]]
+        for low, high in zip(sizes, sizes[1:], strict=False):
+            if tokens <= high:
+                share = (tokens - low) / (high - low)
+                return table[low] + share * (table[high] - table[low])
+        # Past the largest measurement cost grows linearly with the tokens.
+        return table[sizes[-1]] * tokens / sizes[-1]
+
+    def round_seconds(self, rows: int, gamma: int) -> float:
+        verify = self._lookup(self.target, rows * (gamma + 1))
+        return verify + (gamma * self._lookup(self.draft, rows) if gamma else 0.0)
+
+
+def measure(forward: Callable[[int], None], sizes: list[int], repeats: int = 2) -> dict[int, float]:
+    """Best-of-``repeats`` wall time of ``forward(tokens)`` for each size."""
+    table = {}
+    for size in sizes:
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            forward(size)
+            best = min(best, time.perf_counter() - started)
+        table[size] = best
+    return table
+
+
+def calibration_sizes(limit: int) -> list[int]:
+    sizes = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128]
+    return [s for s in sizes if s <= limit] or [1]
+
+
+def choose_gamma(alphas: list[float], caps: list[int], max_gamma: int, costs: CostModel) -> int:
+    """The round's gamma maximising expected emitted tokens per second over the batch."""
+    best_gamma, best_rate = 0, 0.0
+    for gamma in range(max_gamma + 1):
+        tokens = sum(
+            expected_tokens(alpha, min(gamma, cap)) for alpha, cap in zip(alphas, caps, strict=True)
+        )
+        rate = tokens / costs.round_seconds(len(alphas), gamma)
+        if rate > best_rate:
+            best_gamma, best_rate = gamma, rate
+    return best_gamma

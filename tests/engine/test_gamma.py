@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+
+from engine.config import EngineConfig, SamplingParams
+from engine.engine import Engine
+from engine.gamma import AcceptanceEstimate, CostModel, choose_gamma, expected_tokens
+from tests.engine.test_engine import GREEDY, PROMPTS, hf_greedy, models
+
+
+def test_expected_tokens_per_round() -> None:
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_acceptance_estimate_moves_from_prior_to_evidence() -> None:
+    estimate = AcceptanceEstimate()
+    assert estimate.alpha(prior=0.8) == pytest.approx(0.8)
+    for _ in range(50):  # accepts 1 of 4 each round: alpha = 1 / (1 + 1)
+        estimate.observe(drafted=4, accepted=1)
+    assert estimate.alpha(prior=0.8) == pytest.approx(0.5, abs=0.03)
+    full = AcceptanceEstimate()
+    for _ in range(50):
+        full.observe(drafted=4, accepted=4)  # no failure observed at all
+    assert full.alpha(prior=0.5) > 0.97
+
+
+# Memory-bound verify: 1 to 8 tokens cost the same, then cost grows with the tokens.
+MEMORY_BOUND = CostModel(target={1: 0.1, 8: 0.1, 16: 0.12, 64: 0.4}, draft={1: 0.02, 8: 0.03})
+
+
+def test_cheap_verification_and_good_drafts_use_the_longest_gamma() -> None:
+    assert choose_gamma([0.9], [6], 6, MEMORY_BOUND) == 6
+
+
+def test_poor_acceptance_or_costly_drafts_turn_speculation_off() -> None:
+    assert choose_gamma([0.05], [6], 6, MEMORY_BOUND) == 0
+    costly = CostModel(target={1: 0.1, 8: 0.1}, draft={1: 0.2})
+    assert choose_gamma([0.9], [6], 6, costly) == 0
+
+
+def test_gamma_shrinks_with_load() -> None:
+    alone = choose_gamma([0.8], [6], 6, MEMORY_BOUND)
+    loaded = choose_gamma([0.8] * 8, [6] * 8, 6, MEMORY_BOUND)
+    assert 0 < loaded < alone
+    # Verification that costs as much per token as decoding never pays for itself.
+    compute_bound = CostModel(target={1: 0.1, 64: 6.4}, draft={1: 0.02, 8: 0.03})
+    assert choose_gamma([0.8] * 8, [6] * 8, 6, compute_bound) == 0
+
+
+def test_caps_limit_rows_not_the_choice() -> None:
+    # A row near its token budget cannot use more than its cap; the others still can.
+    assert choose_gamma([0.9, 0.9], [0, 6], 6, MEMORY_BOUND) > 0
+
+
+def test_adaptive_engine_is_still_token_identical() -> None:
+    target, unrelated = models("qwen2")
+    config = EngineConfig(gamma=6, max_slots=4, max_len=128, adaptive_gamma=True)
+    eng = Engine(target, unrelated, config)
+    assert eng.costs is not None and eng.costs.target and eng.costs.draft
+    results = eng.generate(PROMPTS, GREEDY)
+    assert [r.token_ids for r in results] == hf_greedy("qwen2")
+    same = Engine(target, target, config)
+    results = same.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    assert [r.token_ids for r in results] == hf_greedy("qwen2")
