@@ -112,6 +112,11 @@ class Engine:
             if draft is not None:
                 use_cpu_kernels(draft, eager_attention=False)
         self.target = ModelRunner(target, config.max_slots, capacity)
+        if target.config._attn_implementation == "eager":
+            # Eager attention makes decoding batch-invariant but is several times slower than
+            # SDPA over a long prompt; target-only and speculative decoding share the same
+            # prefill either way, so its numerics need no invariance.
+            self.target.prefill_attention = "sdpa"
         self.vocab_size = self.target.vocab_size
         self.processor = OutputProcessor(tokenizer, _eos_ids(target, tokenizer))
         self.proposer: DraftProposer | None = None
@@ -277,7 +282,7 @@ class Engine:
             [len(r.prompt_token_ids) - 1 for r in rows],
         )
         wants_logprobs = any(r.prompt_logprobs_pending for r in rows)
-        hidden = self.target.forward(batch, output="hidden" if wants_logprobs else "none")
+        hidden = self.target.prefill(batch, output="hidden" if wants_logprobs else "none")
         window = self.config.draft_window
         for request in rows:
             request.target_len = request.num_tokens - 1
@@ -291,7 +296,7 @@ class Engine:
                 [0] * len(rows),
                 [r.draft_len for r in rows],
             )
-            self.proposer.runner.forward(draft_batch, output="none")
+            self.proposer.runner.prefill(draft_batch)
         for index, request in enumerate(rows):
             if request.prompt_logprobs_pending:
                 request.prompt_logprobs_cache = prompt_logprobs(

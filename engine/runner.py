@@ -55,6 +55,8 @@ class ModelRunner:
         self.max_position = max_context(model)
         self.cache = SlotKVCache(num_slots, capacity, self.device)
         self.mask_min = torch.finfo(self.dtype).min
+        # Attention for prompt prefill when it should differ from decoding's (see Engine).
+        self.prefill_attention: str | None = None
         # One token through the trash slot allocates every layer's buffers at their real shapes.
         self.forward(RaggedBatch([[0]], [num_slots], [0], [1]), output="none")
 
@@ -64,6 +66,17 @@ class ModelRunner:
 
     def _device_ints(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def prefill(self, batch: RaggedBatch, output: str = "none") -> torch.Tensor | None:
+        """A forward over prompt tokens, with ``prefill_attention`` when one is set."""
+        decode_attention = self.model.config._attn_implementation
+        if self.prefill_attention is None or self.prefill_attention == decode_attention:
+            return self.forward(batch, output)
+        self.model.set_attn_implementation(self.prefill_attention)
+        try:
+            return self.forward(batch, output)
+        finally:
+            self.model.set_attn_implementation(decode_attention)
 
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch, output: str = "last") -> torch.Tensor | None:

@@ -306,7 +306,9 @@ def test_bf16_cpu_kernels_keep_speculation_token_identical() -> None:
     assert isinstance(target.get_output_embeddings(), cpu_linear.FastLinear)
     assert target.config._attn_implementation == "eager"
     spec_engine = engine(target, draft, gamma=5)
+    assert spec_engine.target.prefill_attention == "sdpa"  # prompts go through fast SDPA
     spec = spec_engine.generate(PROMPTS, params)
+    assert target.config._attn_implementation == "eager"  # and decoding is back on eager
     assert [r.token_ids for r in spec] == [r.token_ids for r in only]
     assert 0 < spec_engine.stats.acceptance_rate < 1
 
