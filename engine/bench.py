@@ -115,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
     parser.add_argument("--per-task", type=int, default=None, help="prompts per task (all)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--gamma", type=int, default=6)
     parser.add_argument("--draft-vocab", type=int, default=0, help="draft LM head size (0 = full)")
     parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--adaptive-gamma", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--draft-window", type=int, default=256)
     parser.add_argument("--target", default=None)
     parser.add_argument("--draft", default=None)
     parser.add_argument("--dtype", default="auto")
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         max_len=max_len,
         cpu_kernels=args.cpu_kernels,
         draft_vocab=args.draft_vocab,
+        adaptive_gamma=args.adaptive_gamma,
+        draft_window=args.draft_window,
     )
     speculative = Engine(target.model, draft.model, spec_config, target.tokenizer)
     hf_target = hf_draft = None

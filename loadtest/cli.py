@@ -1,4 +1,4 @@
-"""``python -m loadtest {run,compare,hf,report}``; a bare ``python -m loadtest --base-url ...``
+"""``python -m loadtest {run,compare,hf,report,soak}``; a bare ``python -m loadtest --base-url ...``
 means ``run``."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from loadtest.output import machine_info, write_report
 from loadtest.results import Report, SystemResult
 from loadtest.systems import ALL_SYSTEMS, HF_SYSTEMS
 
-COMMANDS = ("run", "compare", "hf", "report")
+COMMANDS = ("run", "compare", "hf", "report", "soak")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -83,6 +83,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from loadtest.client import RequestOptions
+    from loadtest.soak import render, run_soak, write_soak
+
+    options = RequestOptions(
+        endpoint=args.endpoint,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+    )
+    result = asyncio.run(
+        run_soak(
+            args.base_url, select_prompts(args), options, seconds=args.minutes * 60,
+            concurrency=args.concurrency, sample_every=args.sample_every, pid=args.pid,
+            api_key=args.api_key, warmup=args.warmup, max_rss_growth_pct=args.max_rss_growth,
+        )
+    )  # fmt: skip
+    written = write_soak(result, args.out or default_out())
+    print(render(result))
+    print("[loadtest] wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0 if result.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path)
     report.add_argument("--speedup", type=speedup_pair, action="append")
     report.set_defaults(func=cmd_report)
+
+    soak = commands.add_parser("soak", help="N minutes at one concurrency, watching for leaks")
+    soak.add_argument("--base-url", required=True, help="http://host:port (or .../v1)")
+    soak.add_argument("--model", help="model name in requests (default: first of /v1/models)")
+    soak.add_argument("--minutes", type=float, required=True)
+    soak.add_argument("--concurrency", type=int, default=8)
+    soak.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
+    soak.add_argument("--pid", type=int, help="server PID for RSS (default: /metrics process_*)")
+    soak.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    soak.add_argument("--api-key")
+    soak.add_argument(
+        "--max-rss-growth", type=float, help="fail when RSS grows more than this many percent"
+    )
+    soak.add_argument("--out", type=Path, help="output dir (out/loadtest-*)")
+    add_prompt_arguments(soak)
+    soak.set_defaults(func=cmd_soak)
     return parser
 
 

@@ -16,6 +16,7 @@ from server.context import ServerContext, get_context
 from server.errors import APIError, error_body, error_response
 from server.generation import Choice, collect, make_choices, submit, usage, with_metrics
 from server.logprobs import chat_logprobs
+from server.openapi import ChatCompletionResponse, generation
 from server.prompts import Prompt, chat_prompt, submissions
 from server.protocol import ChatCompletionRequest
 from server.sse import DONE, EventStream
@@ -75,7 +76,9 @@ async def _events(
     yield DONE
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions", response_model=None, responses=generation(ChatCompletionResponse)
+)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     ctx = get_context(request)
     arrival = time.monotonic()

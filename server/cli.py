@@ -35,8 +35,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--gamma",
         type=int,
-        default=_env_int("GAMMA", 4),
-        help="draft tokens per round (0 = target-only)",
+        default=_env_int("GAMMA", 6),
+        help="most draft tokens per round (0 = target-only); adaptive gamma picks 0..this",
     )
     group.add_argument(
         "--max-slots",
@@ -59,6 +59,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_env_int("DRAFT_VOCAB", 0),
         help="restrict the draft's LM head to the N most frequent token ids (0 = full)",
+    )
+    group.add_argument(
+        "--adaptive-gamma",
+        action=argparse.BooleanOptionalAction,
+        default=_env("ADAPTIVE_GAMMA", "1") != "0",
+        help="choose each round's gamma (up to --gamma, 0 included) from measured costs and "
+        "per-request acceptance (default on)",
+    )
+    group.add_argument(
+        "--draft-window",
+        type=int,
+        default=_env_int("DRAFT_WINDOW", 256),
+        help="prompt tokens the draft model sees (0 = all); output stays lossless",
     )
     group.add_argument(
         "--cpu-kernels",
@@ -91,6 +104,8 @@ def build_engine(args: argparse.Namespace):
         num_threads=args.threads or None,
         cpu_kernels=args.cpu_kernels,
         draft_vocab=args.draft_vocab,
+        adaptive_gamma=args.adaptive_gamma,
+        draft_window=args.draft_window,
     )
     engine = Engine(
         target.model, draft.model if draft is not None else None, config, target.tokenizer
@@ -165,6 +180,20 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=float(_env("SEND_TIMEOUT", "30") or 30),
         help="seconds a streaming client may stop reading before it is dropped",
+    )
+    limits = serve.add_argument_group("request limits (past them: 413 for the body, else 400)")
+    limits.add_argument("--max-body-bytes", type=int, default=_env_int("MAX_BODY_BYTES", 4 * 2**20))
+    limits.add_argument(
+        "--max-n", type=int, default=_env_int("MAX_N", 16), help="choices per prompt"
+    )
+    limits.add_argument(
+        "--max-stop", type=int, default=_env_int("MAX_STOP", 16), help="stop strings per request"
+    )
+    limits.add_argument(
+        "--max-stop-chars",
+        type=int,
+        default=_env_int("MAX_STOP_CHARS", 256),
+        help="characters per stop string",
     )
     serve.add_argument(
         "--log-level",

@@ -17,6 +17,7 @@ from server.context import ServerContext, get_context
 from server.errors import APIError, error_body, error_response
 from server.generation import Choice, collect, make_choices, submit, usage, with_metrics
 from server.logprobs import CompletionLogprobs
+from server.openapi import CompletionResponse, generation
 from server.prompts import Prompt, completion_prompts, submissions
 from server.protocol import CompletionRequest
 from server.sse import DONE, EventStream
@@ -96,7 +97,7 @@ async def _events(
     yield DONE
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=None, responses=generation(CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     ctx = get_context(request)
     arrival = time.monotonic()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from engine.engine import Engine
 from engine.request import RequestOutput
@@ -46,6 +46,8 @@ class ServerMetrics:
     def __init__(self, engine: Engine) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
+        # process_resident_memory_bytes and friends (Linux): what a soak test watches for leaks.
+        ProcessCollector(registry=reg)
         gamma = engine.gamma
 
         def name(suffix: str) -> str:
@@ -60,6 +62,10 @@ class ServerMetrics:
         self.rejected = Counter(
             name("request_rejected"), "Requests refused before reaching the engine.", ["reason"],
             registry=reg,
+        )  # fmt: skip
+        self.replayed = Counter(
+            name("request_replayed"),
+            "Requests restarted from scratch after a failed round they were in.", registry=reg,
         )  # fmt: skip
         self.prompt_tokens = Counter(
             name("prompt_tokens"), "Prompt tokens of admitted requests.", registry=reg
@@ -89,9 +95,11 @@ class ServerMetrics:
         Gauge(name("num_requests_running"), "Requests in a KV slot.", registry=reg).set_function(
             lambda: engine.num_running
         )
-        Gauge(
+        # The server's front (server/async_engine.py) points this at its own queue too.
+        self.waiting = Gauge(
             name("num_requests_waiting"), "Requests admitted but waiting for a slot.", registry=reg
-        ).set_function(lambda: engine.num_waiting)
+        )
+        self.waiting.set_function(lambda: engine.num_waiting)
         Gauge(name("kv_slots_used"), "KV slots in use.", registry=reg).set_function(
             lambda: slots - engine.scheduler.num_free_slots
         )

@@ -12,6 +12,7 @@ from engine.config import SamplingParams
 from server.async_engine import Submission
 from server.context import ServerContext
 from server.errors import bad_request
+from server.limits import check_limits
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 _INT64 = 2**63
@@ -112,6 +113,7 @@ def submissions(
             f"{ctx.core.capacity} at once: lower n or send fewer prompts",
             param="n",
         )
+    check_limits(body, ctx.config)
     result = []
     for prompt in prompts:
         limit = _max_tokens(max_tokens, explicit, max_tokens_param, len(prompt.ids), engine.max_len)

@@ -22,7 +22,6 @@ from pydantic import (
 )
 
 MAX_LOGPROBS = 20
-MAX_N = 128
 _INT64 = 2**63
 
 TokenId = Annotated[StrictInt, Field(ge=0)]
@@ -45,7 +44,7 @@ class SamplingFields(_Body):
     """Fields shared by completions and chat completions."""
 
     model: StrictStr | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
+    n: PositiveInt | None = None  # bounded by ServerConfig.max_n and the capacity
     temperature: Annotated[StrictFloat, Field(ge=0, le=2)] | None = None
     top_p: Annotated[StrictFloat, Field(gt=0, le=1)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None  # vLLM's extension

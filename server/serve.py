@@ -31,6 +31,9 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--send-timeout must be > 0, got {args.send_timeout}"
     if not 0 <= args.port <= 65535:
         return f"--port must be in 0..65535, got {args.port}"
+    for name in ("max_body_bytes", "max_n", "max_stop", "max_stop_chars"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
     return None
 
 
@@ -56,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         aliases=aliases,
         send_timeout_s=args.send_timeout,
+        max_body_bytes=args.max_body_bytes,
+        max_n=args.max_n,
+        max_stop=args.max_stop,
+        max_stop_chars=args.max_stop_chars,
     )
     log.info(
         "serving %r (target %s, draft %s, gamma %d) on http://%s:%d",

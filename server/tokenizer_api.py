@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.context import ServerContext, get_context
 from server.errors import bad_request
+from server.openapi import DetokenizeResponse, TokenizeResponse, errors
 from server.protocol import DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
@@ -29,7 +30,7 @@ def _tokenize(ctx: ServerContext, body: TokenizeRequest) -> list[int]:
     return ctx.tokens.encode(body.prompt, add_special_tokens=add_special)
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", response_model=TokenizeResponse, responses=errors(400, 404, 413))
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     ctx = get_context(request)
     ctx.check_model(body.model)
@@ -43,7 +44,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=errors(400, 404, 413))
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, str]:
     ctx = get_context(request)
     ctx.check_model(body.model)
