@@ -42,6 +42,7 @@ def test_serve_command_end_to_end(model_dir: Path) -> None:
     }
     command = [sys.executable, "-m", "server.cli", "serve", "--target", str(model_dir),
                "--draft", str(model_dir), "--gamma", "3", "--dtype", "fp32", "--max-len", "128",
+               "--no-adaptive-gamma",
                "--model-name", "served"]  # fmt: skip
     process = subprocess.Popen(
         command, env=env, cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True
