@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from server.async_engine import EngineFailure, RequestStream
 from server.context import ServerContext, get_context
-from server.errors import APIError, error_body, error_response
-from server.generation import Choice, collect, make_choices, submit, usage, with_metrics
+from server.errors import error_body
+from server.generation import Choice, complete, make_choices, submit, usage, with_metrics
 from server.logprobs import chat_logprobs
 from server.openapi import ChatCompletionResponse, generation
 from server.prompts import Prompt, chat_prompt, submissions
@@ -105,15 +105,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.stream:
         events = _events(ctx, body, head, stream, choices, prompts)
         return EventStream(events, ctx.config.send_timeout_s)
-    try:
-        finished = await collect(request, stream, choices)
-    except EngineFailure as exc:
-        raise APIError(500, str(exc)) from None
-    if not finished:
-        return error_response(APIError(400, "the client disconnected"))
-    result = {
-        **head,
-        "choices": [_choice(ctx, body, c) for c in choices],
-        "usage": usage(choices, prompts),
-    }
-    return JSONResponse(with_metrics(result, choices, ctx.engine.gamma))
+    return await complete(
+        request, stream, choices, prompts, head, lambda c: _choice(ctx, body, c), ctx.engine.gamma
+    )

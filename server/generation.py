@@ -4,19 +4,22 @@ and the per-response speculation statistics."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 
 from engine.request import RequestOutput, RequestStats, TokenLogprob
 from server.async_engine import (
+    EngineFailure,
     EngineUnavailableError,
     QueueFullError,
     RequestStream,
     Submission,
 )
 from server.context import ServerContext
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, error_response
 from server.prompts import Prompt
 
 
@@ -148,3 +151,23 @@ def with_metrics(body: dict, choices: list[Choice], gamma: int) -> dict:
     if metrics is not None:
         body["metrics"] = metrics
     return body
+
+
+async def complete(
+    request: Request,
+    stream: RequestStream,
+    choices: list[Choice],
+    prompts: list[Prompt],
+    head: dict,
+    render: Callable[[Choice], dict],
+    gamma: int,
+) -> Response:
+    """The non-streaming answer shared by completions and chat: wait, then one JSON body."""
+    try:
+        finished = await collect(request, stream, choices)
+    except EngineFailure as exc:
+        raise APIError(500, str(exc)) from None
+    if not finished:
+        return error_response(APIError(400, "the client disconnected"))
+    result = {**head, "choices": [render(c) for c in choices], "usage": usage(choices, prompts)}
+    return JSONResponse(with_metrics(result, choices, gamma))
