@@ -91,8 +91,7 @@ def perturbed(model: PreTrainedModel, scale: float, seed: int = 123) -> PreTrain
     return clone.eval().requires_grad_(False)
 
 
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the spot: real multi-byte and merge behaviour."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -103,8 +102,14 @@ def tokenizer() -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = ["the quick brown fox jumps over the lazy dog", "hello world", "def f(x): return x"]
     tok.train_from_iterator(corpus * 20, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer(
+        ["the quick brown fox jumps over the lazy dog", "hello world", "def f(x): return x"]
     )

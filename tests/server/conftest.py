@@ -16,14 +16,14 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Completion, Engine
 from server.app import create_app
 from server.context import ServerConfig, ServerContext
-from tests.engine.conftest import VOCAB, perturbed, tiny_model
+from tests.engine.conftest import build_tokenizer as build_bpe_tokenizer
+from tests.engine.conftest import perturbed, tiny_model
 
 MODEL = "tiny"
 CHAT_TEMPLATE = (
@@ -38,20 +38,7 @@ _CORPUS = [
 
 
 def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the spot: multi-byte tokens and merges behave like real ones."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
+    fast = build_bpe_tokenizer(_CORPUS)
     fast.chat_template = chat_template
     return fast
 
