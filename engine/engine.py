@@ -338,7 +338,7 @@ class Engine:
         if gamma > 0 and self.proposer is not None:
             rows = DraftRows(
                 slots=[r.slot for r in batch],
-                catch_up=[r.token_ids[r.draft_offset + r.draft_len :] for r in batch],
+                catch_up=[r.tokens_from(r.draft_offset + r.draft_len) for r in batch],
                 draft_lens=[r.draft_len for r in batch],
                 next_positions=[n - r.draft_offset for n, r in zip(num_tokens, batch, strict=True)],
                 first_positions=num_tokens,
@@ -347,7 +347,7 @@ class Engine:
         else:
             draft_tokens = torch.zeros((len(batch), 0), dtype=torch.long, device=device)
         t1 = time.perf_counter()
-        last = torch.tensor([[r.token_ids[-1]] for r in batch], device=device)
+        last = torch.tensor([[r.last_token] for r in batch], device=device)
         verify_batch = RaggedBatch(
             torch.cat([last, draft_tokens], dim=1),
             [r.slot for r in batch],

@@ -96,6 +96,17 @@ class Request:
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def tokens_from(self, start: int) -> list[int]:
+        """``token_ids[start:]`` without copying the whole sequence (called every round)."""
+        prompt_len = len(self.prompt_token_ids)
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len :]
+        return self.prompt_token_ids[start:] + self.output_token_ids
+
+    @property
+    def last_token(self) -> int:
+        return (self.output_token_ids or self.prompt_token_ids)[-1]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
