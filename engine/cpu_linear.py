@@ -32,10 +32,12 @@ from engine.loader import cache_dir
 
 log = logging.getLogger("specserve.cpu_linear")
 
-_SOURCE = Path(__file__).parent / "csrc" / "linear_bf16.c"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = (_CSRC / "linear_bf16.c", _CSRC / "attention_bf16.c")
 # Explicit ISA flags rather than -march=native: the cache key then fully describes the binary,
 # so a cache directory shared between machines never serves code a CPU cannot run.
 _CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_LIBS = ("-lm",)
 _DISABLE_ENV = "SPECSERVE_CPU_KERNELS"
 _IO_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -63,10 +65,10 @@ def _kernel_dir() -> Path:
 
 
 def _compile(gcc: str) -> Path:
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     version = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(source + " ".join(_CFLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = _kernel_dir() / f"linear_bf16-{key}.so"
+    target = _kernel_dir() / f"specserve_cpu-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,9 @@ def _compile(gcc: str) -> Path:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [gcc, *_CFLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True
+            [gcc, *_CFLAGS, *map(str, _SOURCES), "-o", tmp, *_LIBS],
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"gcc failed: {proc.stderr.strip()[-2000:]}")
@@ -126,6 +130,9 @@ def _load() -> ctypes.CDLL | None:
                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
             ]  # fmt: skip
             _self_check(lib)
+            from engine import cpu_attention  # the attention kernel ships in the same library
+
+            cpu_attention.bind(lib)
         except Exception as exc:  # any failure here must degrade to torch, never crash
             log.warning("CPU bf16 kernels unavailable, using torch: %s", exc)
             return None

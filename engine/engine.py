@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from engine import cpu_attention
 from engine.config import EngineConfig, SamplingParams
 from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
@@ -53,9 +54,10 @@ def use_cpu_kernels(model: PreTrainedModel, eager_attention: bool) -> int:
         return 0
     patched = patch_model(model)
     if patched and eager_attention:
-        # SDPA's CPU kernel is not batch-invariant; eager attention is, so a verify forward
-        # gives the very logits one-token decoding would (greedy output identical bit for bit).
-        model.set_attn_implementation("eager")
+        # SDPA's CPU kernel is not batch-invariant; ours and eager attention are, so a verify
+        # forward gives the very logits one-token decoding would (greedy output identical bit
+        # for bit). Ours is also fast over long contexts, where eager's bf16 matmuls are not.
+        model.set_attn_implementation(cpu_attention.NAME if cpu_attention.available() else "eager")
     return patched
 
 
@@ -112,8 +114,8 @@ class Engine:
             if draft is not None:
                 use_cpu_kernels(draft, eager_attention=False)
         self.target = ModelRunner(target, config.max_slots, capacity)
-        if target.config._attn_implementation == "eager":
-            # Eager attention makes decoding batch-invariant but is several times slower than
+        if target.config._attn_implementation in ("eager", cpu_attention.NAME):
+            # Batch-invariant attention scores each query alone, several times slower than
             # SDPA over a long prompt; target-only and speculative decoding share the same
             # prefill either way, so its numerics need no invariance.
             self.target.prefill_attention = "sdpa"

@@ -116,7 +116,7 @@ def test_compile_failure_falls_back(
     monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(cpu_linear, "_SOURCE", broken)
+    monkeypatch.setattr(cpu_linear, "_SOURCES", (broken,))
     with caplog.at_level("WARNING", logger="specserve.cpu_linear"):
         assert not cpu_linear.available()
         assert not cpu_linear.available()  # tried once, warned once
@@ -130,7 +130,7 @@ def test_builds_into_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     _reload(monkeypatch)
     monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
     assert cpu_linear.available()
-    assert len(list((tmp_path / "kernels").glob("linear_bf16-*.so"))) == 1
+    assert len(list((tmp_path / "kernels").glob("specserve_cpu-*.so"))) == 1
 
 
 def test_fast_linear_shares_parameters() -> None:
@@ -169,13 +169,15 @@ def test_patch_model_qwen2(tied: bool) -> None:
     assert patch_model(model) == 0  # already patched
 
 
-def test_patched_model_verify_forward_matches_decode_steps() -> None:
+@pytest.mark.parametrize("attention", ["eager", "specserve_cpu"])
+def test_patched_model_verify_forward_matches_decode_steps(attention: str) -> None:
     """What speculation relies on: k tokens in one forward give the logits of k decode steps.
 
-    Attention must be batch invariant too; transformers' eager attention is on CPU, SDPA not.
+    Attention must be batch invariant too: transformers' eager attention and ours are on CPU,
+    SDPA is not.
     """
     model = _tiny_qwen2(False)
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(attention)
     patch_model(model)
     g = torch.Generator().manual_seed(3)
     prompt, new = (
