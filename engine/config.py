@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+PROPOSERS = ("auto", "draft", "ngram")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -28,6 +30,11 @@ class EngineConfig:
     # the draft costs a third of the target's prefill on the default pair, while its guesses
     # mostly depend on the recent context; verification keeps the output lossless regardless.
     draft_window: int = 0
+    # Prompt lookup (engine/ngram.py): rows whose last 2..N tokens occurred earlier in their
+    # context may take the tokens that followed as free drafts, when that promises more tokens
+    # per second than the draft model. 0 = off. With no draft model and gamma > 0 it is the
+    # only proposer.
+    prompt_lookup: int = 0
 
     def __post_init__(self) -> None:
         if self.gamma < 0:
@@ -38,6 +45,8 @@ class EngineConfig:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
         if self.draft_window < 0:
             raise ValueError(f"draft_window must be >= 0, got {self.draft_window}")
+        if self.prompt_lookup < 0:
+            raise ValueError(f"prompt_lookup must be >= 0, got {self.prompt_lookup}")
         if self.draft_vocab < 0:
             raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
@@ -59,6 +68,9 @@ class SamplingParams:
     gamma: int | None = None  # lower the engine's gamma for this request
     logprobs: int | None = None  # top-N target logprobs per generated token (0 = chosen token only)
     prompt_logprobs: int | None = None  # same for prompt tokens (first is None)
+    # Where draft tokens come from: "auto" (prompt lookup when it pays, else the draft model),
+    # "draft" (the draft model only) or "ngram" (prompt lookup only, never the draft model).
+    proposer: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -75,6 +87,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 20:
                 raise ValueError(f"{name} must be between 0 and 20, got {value}")
+        if self.proposer not in PROPOSERS:
+            raise ValueError(
+                f"proposer must be one of {', '.join(PROPOSERS)}, got {self.proposer!r}"
+            )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not s for s in self.stop):

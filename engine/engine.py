@@ -7,7 +7,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -16,8 +16,17 @@ from engine import cpu_attention
 from engine.config import EngineConfig, SamplingParams
 from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
-from engine.gamma import CostModel, calibration_sizes, choose_gamma, measure
+from engine.gamma import (
+    PROBE_EVERY,
+    CostModel,
+    best_lookup_length,
+    calibration_sizes,
+    choose_gamma,
+    expected_tokens,
+    measure,
+)
 from engine.logprobs import prompt_logprobs, token_logprobs
+from engine.ngram import PromptLookup
 from engine.proposer import DraftProposer, DraftRows, RowSampling
 from engine.request import Request, RequestOutput, RequestStats, TokenLogprob
 from engine.runner import ModelRunner, RaggedBatch, max_context
@@ -44,6 +53,16 @@ class Completion:
     stats: RequestStats
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+@dataclass
+class RoundPlan:
+    """Where each row's drafts come from this round."""
+
+    row_gamma: list[int]  # drafts per row (0: the row just decodes one token)
+    draft_rows: list[int] = field(default_factory=list)  # rows the draft model extends
+    draft_gamma: int = 0  # draft model steps this round
+    lookups: dict[int, list[int]] = field(default_factory=dict)  # row -> prompt-lookup drafts
 
 
 def use_cpu_kernels(model: PreTrainedModel, eager_attention: bool) -> int:
@@ -101,7 +120,8 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.tokenizer = tokenizer
-        self.gamma = config.gamma if draft is not None else 0
+        # Without a draft model only prompt lookup can propose; without either, gamma is 0.
+        self.gamma = config.gamma if draft is not None or config.prompt_lookup else 0
         limits = [config.max_len] + [
             limit - self.gamma - 1
             for m in (target, draft)
@@ -136,7 +156,7 @@ class Engine:
         self.stats = EngineStats()
         self.on_round: Callable[[RoundRecord], None] | None = None
         self.costs: CostModel | None = None
-        if config.adaptive_gamma and self.proposer is not None:
+        if config.adaptive_gamma and self.gamma > 0:
             self.costs = self._calibrate()
         self._inbox: deque[Request] = deque()
         self._aborts: deque[str] = deque()
@@ -146,7 +166,6 @@ class Engine:
     def _calibrate(self) -> CostModel:
         """Times verify forwards of 1..slots*(gamma+1) tokens and draft steps of 1..slots rows,
         in the trash slot, so adaptive gamma knows what each choice costs on this machine."""
-        assert self.proposer is not None
         trash = self.config.max_slots
         capacity = self.target.capacity
 
@@ -154,6 +173,7 @@ class Engine:
             self.target.forward(RaggedBatch([[0] * tokens], [trash], [0], [tokens]), "all")
 
         def draft(rows: int) -> None:
+            assert self.proposer is not None
             batch = RaggedBatch([[0]] * rows, [trash] * rows, list(range(rows)), [1] * rows)
             self.proposer.runner.forward(batch)
 
@@ -161,8 +181,10 @@ class Engine:
         limit = min(capacity, self.config.max_slots * (self.gamma + 1))
         costs = CostModel(
             target=measure(verify, calibration_sizes(limit)),
-            draft=measure(draft, calibration_sizes(min(capacity, self.config.max_slots))),
         )
+        if self.proposer is not None:
+            sizes = calibration_sizes(min(capacity, self.config.max_slots))
+            costs.draft = measure(draft, sizes)
         log.info("adaptive gamma calibrated in %.1f s", time.perf_counter() - started)
         return costs
 
@@ -275,6 +297,15 @@ class Engine:
         for request in requests:
             request.stats.arrival_time = min(request.stats.arrival_time, time.monotonic())
             self.stats.prompt_tokens += len(request.prompt_token_ids)
+            if (
+                self.config.prompt_lookup
+                and request.gamma > 0
+                and request.params.proposer != "draft"
+            ):
+                request.lookup = PromptLookup(
+                    self.config.prompt_lookup, min(2, self.config.prompt_lookup)
+                )
+                request.lookup.extend(request.prompt_token_ids)
         if not rows:
             return outputs
         batch = RaggedBatch(
@@ -321,33 +352,98 @@ class Engine:
             seeds=torch.tensor([r.seed for r in batch], device=device),
         )
 
+    def _plan(self, batch: list[Request]) -> RoundPlan:
+        """Decides, per row, where this round's drafts come from and how many."""
+        # A row never drafts past its budget: the round adds at most gamma + 1 tokens.
+        caps = [max(0, min(r.gamma, r.max_new_tokens - len(r.output_token_ids) - 1)) for r in batch]
+        plan = RoundPlan(row_gamma=[0] * len(batch))
+        if max(caps, default=0) == 0:
+            return plan
+        model_prior = self.stats.model_acceptance(0.7)
+        ngram_prior = self.stats.ngram_acceptance(0.5)
+        candidates: list[int] = []
+        for index, request in enumerate(batch):
+            if caps[index] == 0:
+                continue
+            use_model = self.proposer is not None and request.params.proposer != "ngram"
+            proposal = request.lookup.propose(caps[index]) if request.lookup is not None else []
+            if proposal:
+                alpha = request.ngram_acceptance.alpha(ngram_prior)
+                length, rate = best_lookup_length(alpha, len(proposal), self.costs)
+                if length > 0 and (
+                    not use_model or self._lookup_beats_model(request, rate, alpha, model_prior)
+                ):
+                    plan.lookups[index] = proposal[:length]
+                    plan.row_gamma[index] = length
+                    continue
+            if use_model:
+                candidates.append(index)
+        if candidates:
+            gamma = max(caps[i] for i in candidates)
+            if self.costs is not None:
+                alphas = [batch[i].acceptance.alpha(model_prior) for i in candidates]
+                gamma = choose_gamma(alphas, [caps[i] for i in candidates], gamma, self.costs)
+                for i in candidates:
+                    request = batch[i]
+                    request.rounds_without_draft = 0 if gamma else request.rounds_without_draft + 1
+                    if request.rounds_without_draft >= PROBE_EVERY:
+                        gamma = max(gamma, 1)  # a cheap probe keeps the estimate honest
+                        request.rounds_without_draft = 0
+            if gamma > 0:
+                plan.draft_rows = candidates
+                for i in candidates:
+                    plan.row_gamma[i] = min(caps[i], gamma)
+                plan.draft_gamma = max(plan.row_gamma[i] for i in candidates)
+        return plan
+
+    def _lookup_beats_model(
+        self, request: Request, lookup_rate: float, lookup_alpha: float, model_prior: float
+    ) -> bool:
+        model_alpha = request.acceptance.alpha(model_prior)
+        if self.costs is None:
+            return lookup_alpha >= model_alpha
+        gamma = choose_gamma([model_alpha], [request.gamma], request.gamma, self.costs)
+        model_rate = expected_tokens(model_alpha, gamma) / self.costs.round_seconds(1, gamma)
+        return lookup_rate >= model_rate
+
     def _round(self, batch: list[Request]) -> list[RequestOutput]:
         device = self.target.device
-        # A row never drafts past its budget: the round adds at most gamma + 1 tokens.
-        row_gamma = [
-            max(0, min(r.gamma, r.max_new_tokens - len(r.output_token_ids) - 1)) for r in batch
-        ]
-        if self.costs is not None and max(row_gamma) > 0:
-            prior = self.stats.acceptance_rate if self.stats.drafted else 0.7
-            alphas = [r.acceptance.alpha(prior) for r in batch]
-            best = choose_gamma(alphas, row_gamma, self.gamma, self.costs)
-            row_gamma = [min(g, best) for g in row_gamma]
+        plan = self._plan(batch)
+        row_gamma = plan.row_gamma
         gamma = max(row_gamma)
         num_tokens = [r.num_tokens for r in batch]
         sampling = self._sampling(batch)
         t0 = time.perf_counter()
+        draft_tokens = torch.zeros((len(batch), gamma), dtype=torch.long, device=device)
         draft_probs = None
-        if gamma > 0 and self.proposer is not None:
+        if not sampling.all_greedy and gamma > 0:
+            draft_probs = torch.zeros((len(batch), gamma, self.vocab_size), device=device)
+        if plan.draft_rows:
+            assert self.proposer is not None
+            chosen = [batch[i] for i in plan.draft_rows]
             rows = DraftRows(
-                slots=[r.slot for r in batch],
-                catch_up=[r.tokens_from(r.draft_offset + r.draft_len) for r in batch],
-                draft_lens=[r.draft_len for r in batch],
-                next_positions=[n - r.draft_offset for n, r in zip(num_tokens, batch, strict=True)],
-                first_positions=num_tokens,
+                slots=[r.slot for r in chosen],
+                catch_up=[r.tokens_from(r.draft_offset + r.draft_len) for r in chosen],
+                draft_lens=[r.draft_len for r in chosen],
+                next_positions=[r.num_tokens - r.draft_offset for r in chosen],
+                first_positions=[r.num_tokens for r in chosen],
             )
-            draft_tokens, draft_probs = self.proposer.propose(rows, gamma, sampling)
-        else:
-            draft_tokens = torch.zeros((len(batch), 0), dtype=torch.long, device=device)
+            index = torch.tensor(plan.draft_rows, device=device)
+            proposed, proposed_probs = self.proposer.propose(
+                rows, plan.draft_gamma, sampling.select(index)
+            )
+            draft_tokens[index, : plan.draft_gamma] = proposed
+            if draft_probs is not None and proposed_probs is not None:
+                draft_probs[index, : plan.draft_gamma] = proposed_probs
+        if plan.lookups:
+            index = torch.tensor(list(plan.lookups), device=device)
+            copied = [t + [0] * (gamma - len(t)) for t in plan.lookups.values()]
+            draft_tokens[index] = torch.tensor(copied, device=device)
+            if draft_probs is not None:
+                # A copied token is a certain proposal: q = 1 on it (padding lies past row_gamma).
+                draft_probs[index] = torch.nn.functional.one_hot(
+                    draft_tokens[index], self.vocab_size
+                ).to(draft_probs.dtype)
         t1 = time.perf_counter()
         last = torch.tensor([[r.last_token] for r in batch], device=device)
         verify_batch = RaggedBatch(
@@ -378,12 +474,16 @@ class Engine:
         t2 = time.perf_counter()
 
         outputs, emitted_counts = [], []
+        drafted_by_model = set(plan.draft_rows)
         for index, request in enumerate(batch):
             accepted = host[index][-1]
             n = num_tokens[index]
             request.target_len = n + accepted
-            if gamma > 0 and self.proposer is not None:
-                request.draft_len = min(n + accepted, n + gamma - 1) - request.draft_offset
+            from_lookup = index in plan.lookups
+            if index in drafted_by_model:
+                # The draft fed the catch-up tokens and its first draft_gamma - 1 proposals.
+                last_fed = n + plan.draft_gamma - 1
+                request.draft_len = min(n + accepted, last_fed) - request.draft_offset
             stats = request.stats
             stats.rounds += 1
             stats.drafted += row_gamma[index]
@@ -394,10 +494,13 @@ class Engine:
                 )
             if row_gamma[index] > 0:
                 stats.acceptance_histogram[accepted] += 1
-                request.acceptance.observe(row_gamma[index], accepted)
+                estimate = request.ngram_acceptance if from_lookup else request.acceptance
+                estimate.observe(row_gamma[index], accepted)
             if stats.first_token_time is None:
                 stats.first_token_time = time.monotonic()
             tokens, text = self.processor.append(request, host[index][: accepted + 1])
+            if request.lookup is not None:
+                request.lookup.extend(request.tokens_from(len(request.lookup.tokens)))
             emitted_counts.append(len(tokens))
             stats.generated += len(tokens)
             row_logprobs = logprobs[index][: len(tokens)] if logprobs else None
@@ -410,6 +513,9 @@ class Engine:
         self.stats.row_rounds += len(batch)
         self.stats.drafted += sum(row_gamma)
         self.stats.accepted += sum(accepted_counts)
+        for index in plan.lookups:
+            self.stats.ngram_drafted += row_gamma[index]
+            self.stats.ngram_accepted += accepted_counts[index]
         self.stats.generated_tokens += sum(emitted_counts)
         if self.on_round is not None:
             self.on_round(
@@ -417,6 +523,7 @@ class Engine:
                     batch_size=len(batch),
                     gamma=gamma,
                     drafted=row_gamma,
+                    ngram=[i in plan.lookups for i in range(len(batch))],
                     accepted=accepted_counts,
                     emitted=emitted_counts,
                     draft_seconds=t1 - t0,

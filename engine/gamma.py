@@ -3,8 +3,9 @@
 Per request, draft tokens are accepted one after another until the first rejection, so the
 number accepted is (truncated) geometric in a per-token acceptance probability alpha. From a
 round that drafted g tokens and accepted a, the evidence is a successes plus one failure when
-a < g; alpha's estimate is successes / (successes + failures), started from the engine-wide
-rate so a new request is not judged on one round. A row then gains
+a < g; alpha's estimate is successes / (successes + failures), discounted over time, started
+from the engine-wide rate so a new request is not judged on one round, and re-probed now and
+then when it has fallen so low that the row stopped drafting. A row then gains
 
     E(g) = (1 - alpha^(g + 1)) / (1 - alpha)    tokens per round (the target's own token included)
 
@@ -21,6 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PRIOR_WEIGHT = 4.0  # pseudo-observations of the engine-wide rate behind each request's estimate
+# Each new observation discounts the older ones, so a request that moves from prose into code
+# (or back) is judged on its recent rounds.
+DECAY = 0.9
+# A row held at gamma 0 gets a one-token probe this often: without new evidence a pessimistic
+# estimate could never recover.
+PROBE_EVERY = 8
 
 
 @dataclass
@@ -29,8 +36,8 @@ class AcceptanceEstimate:
     failures: float = 0.0
 
     def observe(self, drafted: int, accepted: int) -> None:
-        self.successes += accepted
-        self.failures += 1.0 if accepted < drafted else 0.0
+        self.successes = DECAY * self.successes + accepted
+        self.failures = DECAY * self.failures + (1.0 if accepted < drafted else 0.0)
 
     def alpha(self, prior: float) -> float:
         s = self.successes + PRIOR_WEIGHT * prior
@@ -63,9 +70,14 @@ class CostModel:
         # Past the largest measurement cost grows linearly with the tokens.
         return table[sizes[-1]] * tokens / sizes[-1]
 
+    def verify_seconds(self, tokens: int) -> float:
+        return self._lookup(self.target, tokens)
+
     def round_seconds(self, rows: int, gamma: int) -> float:
         verify = self._lookup(self.target, rows * (gamma + 1))
-        return verify + (gamma * self._lookup(self.draft, rows) if gamma else 0.0)
+        if not gamma or not self.draft:
+            return verify
+        return verify + gamma * self._lookup(self.draft, rows)
 
 
 def measure(forward: Callable[[int], None], sizes: list[int], repeats: int = 2) -> dict[int, float]:
@@ -84,6 +96,19 @@ def measure(forward: Callable[[int], None], sizes: list[int], repeats: int = 2) 
 def calibration_sizes(limit: int) -> list[int]:
     sizes = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128]
     return [s for s in sizes if s <= limit] or [1]
+
+
+def best_lookup_length(alpha: float, available: int, costs: CostModel | None) -> tuple[int, float]:
+    """How many of ``available`` prompt-lookup tokens one row should verify, and the expected
+    tokens per second of doing so (the lookup itself is free; only the verify costs)."""
+    if costs is None:
+        return available, 0.0
+    best, best_rate = 0, 0.0
+    for length in range(1, available + 1):
+        rate = expected_tokens(alpha, length) / costs.verify_seconds(length + 1)
+        if rate > best_rate:
+            best, best_rate = length, rate
+    return best, best_rate
 
 
 def choose_gamma(alphas: list[float], caps: list[int], max_gamma: int, costs: CostModel) -> int:

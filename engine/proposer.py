@@ -23,6 +23,18 @@ class RowSampling:
     def warp(self, logits: torch.Tensor) -> torch.Tensor:
         return warp_probs(logits, self.temperature, self.top_k, self.top_p)
 
+    def select(self, rows: torch.Tensor) -> RowSampling:
+        """The sampling of a subset of the rows (``rows``: indices on the device)."""
+        greedy = self.greedy[rows]
+        return RowSampling(
+            greedy=greedy,
+            all_greedy=self.all_greedy,
+            temperature=self.temperature[rows],
+            top_k=self.top_k[rows],
+            top_p=self.top_p[rows],
+            seeds=self.seeds[rows],
+        )
+
 
 @dataclass
 class DraftRows:

@@ -6,6 +6,7 @@ from enum import Enum
 
 from engine.config import SamplingParams
 from engine.gamma import AcceptanceEstimate
+from engine.ngram import PromptLookup
 
 
 class Status(Enum):
@@ -90,7 +91,10 @@ class Request:
     stats: RequestStats = field(default_factory=RequestStats)
     prompt_logprobs_pending: bool = False
     prompt_logprobs_cache: list[TokenLogprob | None] | None = None
-    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)  # draft model's
+    ngram_acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    rounds_without_draft: int = 0  # consecutive rounds adaptive gamma gave this row no drafts
+    lookup: PromptLookup | None = None  # n-gram index of the request's tokens (prompt lookup)
 
     @property
     def token_ids(self) -> list[int]:

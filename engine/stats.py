@@ -11,6 +11,7 @@ class RoundRecord:
     batch_size: int
     gamma: int  # the round's largest draft length
     drafted: list[int]  # per row
+    ngram: list[bool]  # per row: drafts came from prompt lookup, not the draft model
     accepted: list[int]  # per row
     emitted: list[int]  # per row, after stop conditions
     draft_seconds: float
@@ -24,6 +25,8 @@ class EngineStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    ngram_drafted: int = 0  # the share of drafted/accepted that came from prompt lookup
+    ngram_accepted: int = 0
     row_rounds: int = 0  # sum over rounds of the batch size
     generated_tokens: int = 0
     prompt_tokens: int = 0
@@ -34,6 +37,15 @@ class EngineStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    def model_acceptance(self, prior: float, weight: float = 20.0) -> float:
+        """Acceptance of the draft model's own proposals, starting from ``prior`` (worth
+        ``weight`` drafts) so that a few early rejections cannot condemn the draft."""
+        drafted = self.drafted - self.ngram_drafted
+        return (self.accepted - self.ngram_accepted + weight * prior) / (drafted + weight)
+
+    def ngram_acceptance(self, prior: float, weight: float = 20.0) -> float:
+        return (self.ngram_accepted + weight * prior) / (self.ngram_drafted + weight)
 
     @property
     def mean_accepted_per_round(self) -> float:

@@ -30,7 +30,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--draft",
         default=_env("DRAFT"),
         help="draft model (same forms as --target); 'none' or omitted with an explicit target "
-        "means target-only",
+        "means target-only; 'ngram' means prompt lookup alone, with no draft model",
     )
     group.add_argument(
         "--gamma",
@@ -68,6 +68,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "per-request acceptance (default on)",
     )
     group.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=_env_int("PROMPT_LOOKUP", 3),
+        help="longest n-gram prompt lookup matches (free drafts copied from the context, used "
+        "per row when they promise more than the draft model; 0 = off)",
+    )
+    group.add_argument(
         "--draft-window",
         type=int,
         default=_env_int("DRAFT_WINDOW", 256),
@@ -93,8 +100,11 @@ def build_engine(args: argparse.Namespace):
     from engine.engine import Engine
     from engine.loader import load_pair
 
-    target, draft = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
-    gamma = args.gamma if draft is not None else 0
+    lookup_only = args.draft == "ngram"
+    draft_name = "none" if lookup_only else args.draft
+    target, draft = load_pair(args.target, draft_name, dtype=args.dtype, device=args.device)
+    speculates = draft is not None or (lookup_only and args.prompt_lookup > 0)
+    gamma = args.gamma if speculates else 0
     config = EngineConfig(
         gamma=gamma,
         max_slots=args.max_slots,
@@ -106,6 +116,7 @@ def build_engine(args: argparse.Namespace):
         draft_vocab=args.draft_vocab,
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,
+        prompt_lookup=args.prompt_lookup if speculates else 0,
     )
     engine = Engine(
         target.model, draft.model if draft is not None else None, config, target.tokenizer

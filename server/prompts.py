@@ -128,6 +128,7 @@ def submissions(
                     stop=list(body.stop or []),
                     stop_token_ids=list(body.stop_token_ids or []),
                     ignore_eos=bool(body.ignore_eos),
+                    proposer=body.proposer or "auto",
                     logprobs=logprobs,
                     prompt_logprobs=prompt_logprobs,
                 )

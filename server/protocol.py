@@ -52,6 +52,8 @@ class SamplingFields(_Body):
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: TokenIds | None = None  # vLLM's extension
     ignore_eos: StrictBool | None = False  # vLLM's extension, sent by benchmark tools
+    # Ours: where draft tokens come from for this request (output is the same either way).
+    proposer: Literal["auto", "draft", "ngram"] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None

@@ -24,10 +24,10 @@ def models(arch: str):
 
 
 @functools.cache
-def hf_greedy(arch: str) -> list[list[int]]:
+def hf_greedy(arch: str, prompts: tuple[tuple[int, ...], ...] | None = None) -> list[list[int]]:
     target, _ = models(arch)
     result = []
-    for prompt in PROMPTS:
+    for prompt in PROMPTS if prompts is None else [list(p) for p in prompts]:
         out = target.generate(
             torch.tensor([prompt]),
             max_new_tokens=NEW_TOKENS,
@@ -333,3 +333,65 @@ def test_draft_context_window_stays_lossless_and_caches_only_the_window() -> Non
     results = eng.generate(PROMPTS, GREEDY)
     assert [r.token_ids for r in results] == hf_greedy("llama")
     assert eng.stats.accepted > 0
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("with_draft", [False, True], ids=["lookup-only", "lookup-and-draft"])
+def test_prompt_lookup_greedy_matches_hf_generate(arch: str, with_draft: bool) -> None:
+    target, unrelated = models(arch)
+    config = EngineConfig(
+        gamma=4, max_slots=4, max_len=128, prompt_lookup=3, adaptive_gamma=with_draft
+    )
+    eng = Engine(target, unrelated if with_draft else None, config)
+    # The first prompt ends with an n-gram it contains earlier, so the lookup fires at once.
+    prompts = [[5, 6, 7, 8, 9, 5, 6, 7], *PROMPTS]
+    results = eng.generate(prompts, GREEDY)
+    assert [r.token_ids for r in results] == hf_greedy(arch, tuple(map(tuple, prompts)))
+    assert eng.stats.ngram_drafted > 0
+    if not with_draft:
+        assert eng.stats.drafted == eng.stats.ngram_drafted
+
+
+def test_per_request_proposer_choice() -> None:
+    target, unrelated = models("qwen2")
+    config = EngineConfig(gamma=3, max_slots=4, max_len=128, prompt_lookup=3)
+    rounds = []
+    eng = Engine(target, perturbed(target, 0.05), config)
+    eng.on_round = rounds.append
+    by_draft = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, proposer="draft")
+    by_lookup = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, proposer="ngram")
+    prompt = [5, 6, 7, 8, 9, 5, 6, 7]  # the lookup has a match from the first round
+    want = hf_greedy("qwen2", (tuple(prompt),))[0]
+    sources = {}
+    for params in (by_draft, by_lookup):
+        rounds.clear()
+        (result,) = eng.generate([prompt], params)
+        assert result.token_ids == want
+        sources[params.proposer] = {r.ngram[0] for r in rounds if r.drafted[0]}
+    assert sources == {"draft": {False}, "ngram": {True}}
+    with pytest.raises(ValueError, match="proposer"):
+        SamplingParams(proposer="magic")
+
+
+def test_adaptive_gamma_probes_a_row_it_stopped_drafting() -> None:
+    from engine.gamma import PROBE_EVERY, CostModel
+
+    target, unrelated = models("llama")
+    config = EngineConfig(gamma=4, max_slots=1, max_len=128, adaptive_gamma=True)
+    eng = Engine(target, unrelated, config)
+    # A draft step as dear as a verify: drafting pays only with high acceptance.
+    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 1.0})
+    rounds = []
+    eng.on_round = rounds.append
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    (result,) = eng.generate([PROMPTS[0]], params)
+    assert result.token_ids[:NEW_TOKENS] == hf_greedy("llama")[0]
+    gammas = [r.gamma for r in rounds]
+    assert 0 in gammas
+    first_idle = gammas.index(0)
+    # Never more than PROBE_EVERY rounds in a row without a draft after the estimate collapsed.
+    idle = 0
+    for gamma in gammas[first_idle:]:
+        idle = idle + 1 if gamma == 0 else 0
+        assert idle <= PROBE_EVERY
+    assert any(g > 0 for g in gammas[first_idle:])

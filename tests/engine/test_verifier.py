@@ -99,8 +99,12 @@ def _exact_marginals(target, prompt: list[int], steps: int, params: SamplingPara
     return marginals
 
 
-def _speculative_counts(target, draft, prompt, steps: int, params_list, draft_vocab: int = 0):
-    config = EngineConfig(gamma=3, max_slots=64, max_len=32, draft_vocab=draft_vocab)
+def _speculative_counts(
+    target, draft, prompt, steps: int, params_list, draft_vocab: int = 0, prompt_lookup: int = 0
+):
+    config = EngineConfig(
+        gamma=3, max_slots=64, max_len=32, draft_vocab=draft_vocab, prompt_lookup=prompt_lookup
+    )
     eng = Engine(target, draft, config)
     results = eng.generate([prompt] * len(params_list), params_list)
     counts = torch.zeros(steps, VOCAB, dtype=torch.float64)
@@ -145,6 +149,36 @@ def test_sampled_tokens_follow_the_target_distribution(
     # residual on rejection: that over-weights tokens the draft likes.
     monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)
     wrong, _ = _speculative_counts(target, draft, prompt, steps, params, draft_vocab)
+    worst = max(
+        _chi_square(wrong[pos], marginals[pos])[0] / _chi_square_critical(df)
+        for pos in range(steps)
+    )
+    assert worst > 3.0
+
+
+@pytest.mark.parametrize("with_draft", [False, True], ids=["lookup-only", "lookup-and-draft"])
+def test_prompt_lookup_sampling_follows_the_target_distribution(
+    with_draft: bool, monkeypatch
+) -> None:
+    """Copied drafts are point masses (q = 1): the same rejection rule keeps sampling exact."""
+    target = tiny_model("llama", seed=3, vocab=VOCAB, sharpen=2.0)
+    draft = tiny_model("llama", seed=4, vocab=VOCAB, sharpen=2.0, layers=1) if with_draft else None
+    # Repeating n-grams, so the lookup proposes from the first round on.
+    prompt, steps, samples = [7, 3, 5, 1, 7, 3, 5], 3, 4000
+    params = [
+        SamplingParams(max_tokens=steps, ignore_eos=True, seed=seed, temperature=1.0)
+        for seed in range(samples)
+    ]
+    marginals = _exact_marginals(target, prompt, steps, params[0])
+    eng_counts = _speculative_counts(target, draft, prompt, steps, params, prompt_lookup=3)
+    counts, acceptance = eng_counts
+    assert 0.05 < acceptance < 0.95
+    for position in range(steps):
+        stat, df = _chi_square(counts[position], marginals[position])
+        assert stat < _chi_square_critical(df), (position, stat, df)
+
+    monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)
+    wrong, _ = _speculative_counts(target, draft, prompt, steps, params, prompt_lookup=3)
     worst = max(
         _chi_square(wrong[pos], marginals[pos])[0] / _chi_square_critical(df)
         for pos in range(steps)
