@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adaptive-gamma", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--draft-window", type=int, default=256)
     parser.add_argument("--prompt-lookup", type=int, default=3, help="0 = off")
+    parser.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--target", default=None)
     parser.add_argument("--draft", default=None)
     parser.add_argument("--dtype", default="auto")
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,
         prompt_lookup=args.prompt_lookup,
+        draft_int8=args.draft_int8,
     )
     speculative = Engine(target.model, draft.model, spec_config, target.tokenizer)
     hf_target = hf_draft = None

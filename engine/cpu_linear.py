@@ -33,7 +33,7 @@ from engine.loader import cache_dir
 log = logging.getLogger("specserve.cpu_linear")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = (_CSRC / "linear_bf16.c", _CSRC / "attention_bf16.c")
+_SOURCES = (_CSRC / "linear_bf16.c", _CSRC / "linear_int8.c", _CSRC / "attention_bf16.c")
 # Explicit ISA flags rather than -march=native: the cache key then fully describes the binary,
 # so a cache directory shared between machines never serves code a CPU cannot run.
 _CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -101,6 +101,12 @@ def _self_check(lib: ctypes.CDLL) -> None:
     want = F.linear(x, w.float(), bias)
     if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         raise RuntimeError("kernel self-check gave wrong results")
+    x = torch.randn(2, 24, generator=generator)
+    qweight, scale = quantize_int8(torch.randn(5, 24, generator=generator).bfloat16())
+    got = _run_int8(lib, x, qweight, scale, bias[:5])
+    want = F.linear(x, qweight.float() * scale[:, None], bias[:5])
+    if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        raise RuntimeError("int8 kernel self-check gave wrong results")
 
 
 def _load() -> ctypes.CDLL | None:
@@ -128,6 +134,13 @@ def _load() -> ctypes.CDLL | None:
             fn.argtypes = [
                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+            ]  # fmt: skip
+            int8 = lib.specserve_linear_int8
+            int8.restype = ctypes.c_int
+            int8.argtypes = [
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                ctypes.c_int,
             ]  # fmt: skip
             _self_check(lib)
             from engine import cpu_attention  # the attention kernel ships in the same library
@@ -161,6 +174,39 @@ def _run(
     status = lib.specserve_linear_bf16(
         x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
         y.data_ptr(), x.numel() // k, n, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
+    )  # fmt: skip
+    return y if status == 0 else None
+
+
+def quantize_int8(weight: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: ``weight ~ qweight * scale[:, None]``. In chunks of
+    rows, so a 150k-row LM head never exists in fp32 all at once."""
+    qweight = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], chunk):
+        rows = weight[start : start + chunk].float()
+        row_scale = rows.abs().amax(dim=1).clamp_(min=1e-12) / 127.0
+        qweight[start : start + chunk] = (rows / row_scale[:, None]).round_().clamp_(-127, 127)
+        scale[start : start + chunk] = row_scale
+    return qweight, scale
+
+
+def _run_int8(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    x = x.contiguous()
+    n, k = qweight.shape
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    status = lib.specserve_linear_int8(
+        x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+        None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
+        x.numel() // k, n, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     return y if status == 0 else None
 
@@ -216,6 +262,39 @@ class FastLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class Int8Linear(FastLinear):
+    """A draft model's linear with an int8 copy of its weight for decode steps.
+
+    Draft steps carry a few rows and are bound by reading weights, which int8 halves. Longer
+    inputs (the draft's prompt prefill) keep the bf16 kernel: they are bound by arithmetic, and
+    the bf16 weight stays shared with the model (tied embeddings, state dict) anyway.
+    """
+
+    MAX_ROWS = 8
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        qweight, scale = quantize_int8(linear.weight.detach())
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = _lib
+        if (
+            lib is not None
+            and x.dtype in _IO_DTYPES
+            and x.is_cpu
+            and x.shape[-1] == self.in_features
+            and self.in_features % 8 == 0
+            and 0 < x.numel() <= self.MAX_ROWS * self.in_features
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            y = _run_int8(lib, x, self.qweight, self.scale, self.bias)
+            if y is not None:
+                return y
+        return linear(x, self.weight, self.bias)
+
+
 def _eligible(module: nn.Module) -> bool:
     return (
         type(module) is nn.Linear
@@ -224,8 +303,9 @@ def _eligible(module: nn.Module) -> bool:
     )
 
 
-def patch_model(model: nn.Module) -> int:
-    """Swap every bf16 CPU ``nn.Linear`` in ``model`` (LM head included) for a ``FastLinear``.
+def patch_model(model: nn.Module, int8: bool = False) -> int:
+    """Swap every bf16 CPU ``nn.Linear`` in ``model`` (LM head included) for a ``FastLinear``
+    (an ``Int8Linear`` with ``int8``: for draft models, whose outputs need not be exact).
 
     Returns the number of modules replaced; 0 when the kernel is unavailable. Layers of other
     types, such as GPT-2's transposed ``Conv1D``, keep torch's implementation.
@@ -242,7 +322,9 @@ def patch_model(model: nn.Module) -> int:
     replaced: dict[int, FastLinear] = {}
     for parent, name, child in targets:
         # A module reachable under two names must stay one module.
-        fast = replaced.setdefault(id(child), FastLinear(child))
+        if id(child) not in replaced:
+            replaced[id(child)] = Int8Linear(child) if int8 else FastLinear(child)
+        fast = replaced[id(child)]
         setattr(parent, name, fast)
     return len(replaced)
 

@@ -65,13 +65,13 @@ class RoundPlan:
     lookups: dict[int, list[int]] = field(default_factory=dict)  # row -> prompt-lookup drafts
 
 
-def use_cpu_kernels(model: PreTrainedModel, eager_attention: bool) -> int:
+def use_cpu_kernels(model: PreTrainedModel, eager_attention: bool, int8: bool = False) -> int:
     """Swaps in the CPU bf16 GEMM kernel; returns how many linears were patched (0 when the
     model is not bf16 on a CPU, or the kernel cannot be built here)."""
     parameter = next(model.parameters())
     if parameter.device.type != "cpu" or parameter.dtype != torch.bfloat16:
         return 0
-    patched = patch_model(model)
+    patched = patch_model(model, int8=int8)
     if patched and eager_attention:
         # SDPA's CPU kernel is not batch-invariant; ours and eager attention are, so a verify
         # forward gives the very logits one-token decoding would (greedy output identical bit
@@ -132,7 +132,7 @@ class Engine:
         if config.cpu_kernels:
             use_cpu_kernels(target, eager_attention=True)
             if draft is not None:
-                use_cpu_kernels(draft, eager_attention=False)
+                use_cpu_kernels(draft, eager_attention=False, int8=config.draft_int8)
         self.target = ModelRunner(target, config.max_slots, capacity)
         if target.config._attn_implementation in ("eager", cpu_attention.NAME):
             # Batch-invariant attention scores each query alone, several times slower than

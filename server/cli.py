@@ -87,6 +87,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU bf16: use specserve's GEMM kernel and eager attention (default on)",
     )
     group.add_argument(
+        "--draft-int8",
+        action=argparse.BooleanOptionalAction,
+        default=_env("DRAFT_INT8", "1") != "0",
+        help="with the CPU kernels, draft decode steps use int8 weights (default on)",
+    )
+    group.add_argument(
         "--threads",
         type=int,
         default=_env_int("THREADS", 0),
@@ -113,6 +119,7 @@ def build_engine(args: argparse.Namespace):
         device=args.device,
         num_threads=args.threads or None,
         cpu_kernels=args.cpu_kernels,
+        draft_int8=args.draft_int8,
         draft_vocab=args.draft_vocab,
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from engine import cpu_linear
-from engine.cpu_linear import FastLinear, linear, patch_model
+from engine.cpu_linear import FastLinear, Int8Linear, linear, patch_model
 from tests.engine.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(
@@ -212,3 +212,45 @@ def test_patch_model_other_architectures(arch: str) -> None:
     with torch.no_grad():
         got = model(ids).logits.float()
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_quantize_int8_round_trip() -> None:
+    g = torch.Generator().manual_seed(5)
+    weight = (torch.randn(300, 64, generator=g) * torch.rand(300, 1, generator=g)).bfloat16()
+    qweight, scale = cpu_linear.quantize_int8(weight, chunk=128)
+    assert qweight.dtype == torch.int8 and qweight.abs().max().item() == 127
+    restored = qweight.float() * scale[:, None]
+    row_max = weight.float().abs().amax(1, keepdim=True)
+    assert ((restored - weight.float()).abs() <= row_max / 254 + 1e-6).all()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_matches_dequantized_reference(m: int, dtype: torch.dtype) -> None:
+    base = nn.Linear(72, 37).bfloat16()
+    fast = cpu_linear.Int8Linear(base)
+    x = torch.randn(m, 72).to(dtype)
+    want = F.linear(x.float(), fast.qweight.float() * fast.scale[:, None], base.bias.float())
+    got = fast(x)
+    assert got.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance)
+    # Close to the bf16 layer it replaces, too: int8 per row loses little.
+    torch.testing.assert_close(got.float(), base(x.bfloat16()).float(), rtol=0.05, atol=0.05)
+
+
+def test_int8_linear_runs_long_inputs_on_the_bf16_weights() -> None:
+    base = nn.Linear(64, 24).bfloat16()
+    fast = cpu_linear.Int8Linear(base)
+    x = torch.randn(Int8Linear.MAX_ROWS + 1, 64)
+    assert torch.equal(fast(x), linear(x, base.weight, base.bias))
+    assert fast.weight is base.weight
+    assert set(fast.state_dict()) == {"weight", "bias"}  # the int8 copy is not saved
+
+
+def test_patch_model_int8_for_drafts() -> None:
+    model = _tiny_qwen2(True)
+    assert patch_model(model, int8=True) == 2 * 7 + 1
+    head = model.get_output_embeddings()
+    assert isinstance(head, cpu_linear.Int8Linear)
+    assert head.weight is model.get_input_embeddings().weight

@@ -306,6 +306,9 @@ def test_bf16_cpu_kernels_keep_speculation_token_identical() -> None:
     assert isinstance(target.get_output_embeddings(), cpu_linear.FastLinear)
     assert target.config._attn_implementation == cpu_attention.NAME
     spec_engine = engine(target, draft, gamma=5)
+    # The draft decodes from int8 weights; the target's are exact.
+    assert isinstance(draft.get_output_embeddings(), cpu_linear.Int8Linear)
+    assert not isinstance(target.get_output_embeddings(), cpu_linear.Int8Linear)
     assert spec_engine.target.prefill_attention == "sdpa"  # prompts go through fast SDPA
     spec = spec_engine.generate(PROMPTS, params)
     # and decoding is back on the batch-invariant kernel
