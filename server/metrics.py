@@ -103,7 +103,7 @@ class ServerMetrics:
         Gauge(name("kv_slots_used"), "KV slots in use.", registry=reg).set_function(
             lambda: slots - engine.scheduler.num_free_slots
         )
-        Gauge(name("kv_slots_total"), "KV slots.", registry=reg).set(slots)
+        Gauge(name("kv_slots_capacity"), "KV slots.", registry=reg).set(slots)
         self.gamma = Gauge(
             name("spec_decode_gamma"), "Draft tokens per round (gamma).", registry=reg
         )

@@ -149,7 +149,7 @@ def test_covers_what_an_operator_watches() -> None:
                                       "spec_decode_accepted_tokens_per_round_count"],
         "tokens/s": ["generation_tokens_total"],
         "queue depth": ["num_requests_waiting"],
-        "slots in use": ["kv_slots_used", "kv_slots_total"],
+        "slots in use": ["kv_slots_used", "kv_slots_capacity"],
         "requests by finish reason": ["request_success_total"],
         "batch size per round": ["batch_size_per_round_sum", "batch_size_per_round_count"],
     }  # fmt: skip

@@ -12,7 +12,7 @@ COUNTERS = ["request_success", "request_rejected", "prompt_tokens", "generation_
             "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
             "spec_decode_num_accepted_tokens",
             "spec_decode_num_accepted_tokens_per_pos"]  # fmt: skip
-GAUGES = ["num_requests_running", "num_requests_waiting", "kv_slots_used", "kv_slots_total",
+GAUGES = ["num_requests_running", "num_requests_waiting", "kv_slots_used", "kv_slots_capacity",
           "spec_decode_gamma"]  # fmt: skip
 HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds",
               "e2e_request_latency_seconds", "spec_decode_accepted_tokens_per_round",
@@ -27,7 +27,7 @@ def test_exposition_has_every_family(server: RunningServer) -> None:
     assert {P + n: "gauge" for n in GAUGES}.items() <= families.items()
     assert {P + n: "histogram" for n in HISTOGRAMS}.items() <= families.items()
     samples = server.metrics()
-    assert samples[(P + "kv_slots_total", ())] == 4
+    assert samples[(P + "kv_slots_capacity", ())] == 4
     assert samples[(P + "spec_decode_gamma", ())] == 4
     positions = {
         k[1] for k in samples if k[0] == P + "spec_decode_num_accepted_tokens_per_pos_total"
