@@ -38,6 +38,9 @@ class EngineConfig:
     # per second than the draft model. 0 = off. With no draft model and gamma > 0 it is the
     # only proposer.
     prompt_lookup: int = 0
+    # Prompt tokens admitted per step (at least one request; 0 = every free slot at once).
+    # Decode rounds of running requests go on between admissions.
+    prefill_budget: int = 1024
 
     def __post_init__(self) -> None:
         if self.gamma < 0:
@@ -48,6 +51,8 @@ class EngineConfig:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
         if self.draft_window < 0:
             raise ValueError(f"draft_window must be >= 0, got {self.draft_window}")
+        if self.prefill_budget < 0:
+            raise ValueError(f"prefill_budget must be >= 0, got {self.prefill_budget}")
         if self.prompt_lookup < 0:
             raise ValueError(f"prompt_lookup must be >= 0, got {self.prompt_lookup}")
         if self.draft_vocab < 0:

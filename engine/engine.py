@@ -65,6 +65,25 @@ class RoundPlan:
     lookups: dict[int, list[int]] = field(default_factory=dict)  # row -> prompt-lookup drafts
 
 
+def padding_groups(rows: list[Request], length: Callable[[Request], int]) -> list[list[Request]]:
+    """Splits prompts into forwards that waste little on padding: a ragged forward computes
+    every row at the longest row's width, so an 800-token prompt beside seven 60-token ones
+    would triple the work. Rows join a group (longest first) while the padded size stays
+    within 25 % of the real tokens."""
+    groups: list[list[Request]] = []
+    real = 0
+    for request in sorted(rows, key=length, reverse=True):
+        if groups and length(groups[-1][0]) * (len(groups[-1]) + 1) <= 1.25 * (
+            real + length(request)
+        ):
+            groups[-1].append(request)
+            real += length(request)
+        else:
+            groups.append([request])
+            real = length(request)
+    return groups
+
+
 def use_cpu_kernels(model: PreTrainedModel, eager_attention: bool, int8: bool = False) -> int:
     """Swaps in the CPU bf16 GEMM kernel; returns how many linears were patched (0 when the
     model is not bf16 on a CPU, or the kernel cannot be built here)."""
@@ -261,7 +280,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
         outputs = self._take_inbox()
-        admitted = self.scheduler.admit()
+        admitted = self.scheduler.admit(self.config.prefill_budget)
         if admitted:
             outputs += self._prefill(admitted)
         batch = self.scheduler.batch()
@@ -308,20 +327,25 @@ class Engine:
                 request.lookup.extend(request.prompt_token_ids)
         if not rows:
             return outputs
-        batch = RaggedBatch(
-            [r.prompt_token_ids[:-1] for r in rows],
-            [r.slot for r in rows],
-            [0] * len(rows),
-            [len(r.prompt_token_ids) - 1 for r in rows],
-        )
-        wants_logprobs = any(r.prompt_logprobs_pending for r in rows)
-        hidden = self.target.prefill(batch, output="hidden" if wants_logprobs else "none")
         window = self.config.draft_window
         for request in rows:
             request.target_len = request.num_tokens - 1
             if window > 0:
                 request.draft_offset = max(0, request.num_tokens - 1 - window)
             request.draft_len = request.num_tokens - 1 - request.draft_offset
+        for group in padding_groups(rows, lambda r: r.num_tokens - 1):
+            self._prefill_group(group)
+        return outputs
+
+    def _prefill_group(self, rows: list[Request]) -> None:
+        batch = RaggedBatch(
+            [r.prompt_token_ids[:-1] for r in rows],
+            [r.slot for r in rows],
+            [0] * len(rows),
+            [r.num_tokens - 1 for r in rows],
+        )
+        wants_logprobs = any(r.prompt_logprobs_pending for r in rows)
+        hidden = self.target.prefill(batch, output="hidden" if wants_logprobs else "none")
         if self.proposer is not None:
             draft_batch = RaggedBatch(
                 [r.prompt_token_ids[r.draft_offset : -1] for r in rows],
@@ -338,7 +362,6 @@ class Engine:
                     request.prompt_token_ids,
                     request.params.prompt_logprobs,
                 )
-        return outputs
 
     def _sampling(self, batch: list[Request]) -> RowSampling:
         device = self.target.device
@@ -369,9 +392,11 @@ class Engine:
             proposal = request.lookup.propose(caps[index]) if request.lookup is not None else []
             if proposal:
                 alpha = request.ngram_acceptance.alpha(ngram_prior)
-                length, rate = best_lookup_length(alpha, len(proposal), self.costs)
+                rows = len(batch)
+                length, rate = best_lookup_length(alpha, len(proposal), self.costs, rows)
                 if length > 0 and (
-                    not use_model or self._lookup_beats_model(request, rate, alpha, model_prior)
+                    not use_model
+                    or self._lookup_beats_model(request, rate, alpha, model_prior, rows)
                 ):
                     plan.lookups[index] = proposal[:length]
                     plan.row_gamma[index] = length
@@ -397,14 +422,23 @@ class Engine:
         return plan
 
     def _lookup_beats_model(
-        self, request: Request, lookup_rate: float, lookup_alpha: float, model_prior: float
+        self,
+        request: Request,
+        lookup_rate: float,
+        lookup_alpha: float,
+        model_prior: float,
+        rows: int,
     ) -> bool:
+        """Whether copied drafts promise this row more tokens per second than the draft model
+        would, each judged as if the whole batch of ``rows`` made the same choice."""
         model_alpha = request.acceptance.alpha(model_prior)
         if self.costs is None:
             return lookup_alpha >= model_alpha
-        gamma = choose_gamma([model_alpha], [request.gamma], request.gamma, self.costs)
-        model_rate = expected_tokens(model_alpha, gamma) / self.costs.round_seconds(1, gamma)
-        return lookup_rate >= model_rate
+        gamma = choose_gamma(
+            [model_alpha] * rows, [request.gamma] * rows, request.gamma, self.costs
+        )
+        share = self.costs.round_seconds(rows, gamma) / rows
+        return lookup_rate >= expected_tokens(model_alpha, gamma) / share
 
     def _round(self, batch: list[Request]) -> list[RequestOutput]:
         device = self.target.device

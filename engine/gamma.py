@@ -98,14 +98,19 @@ def calibration_sizes(limit: int) -> list[int]:
     return [s for s in sizes if s <= limit] or [1]
 
 
-def best_lookup_length(alpha: float, available: int, costs: CostModel | None) -> tuple[int, float]:
-    """How many of ``available`` prompt-lookup tokens one row should verify, and the expected
-    tokens per second of doing so (the lookup itself is free; only the verify costs)."""
+def best_lookup_length(
+    alpha: float, available: int, costs: CostModel | None, rows: int = 1
+) -> tuple[int, float]:
+    """How many of ``available`` prompt-lookup tokens one row should verify (0: none), and the
+    expected tokens per second of that choice. The lookup itself is free; a row's share of a
+    verify over ``rows`` rows, all assumed to carry as many tokens, is what it costs, so at a
+    large batch, where extra verify tokens are dear, fewer (or no) copied tokens pay."""
     if costs is None:
         return available, 0.0
-    best, best_rate = 0, 0.0
+    best, best_rate = 0, rows / costs.verify_seconds(rows)
     for length in range(1, available + 1):
-        rate = expected_tokens(alpha, length) / costs.verify_seconds(length + 1)
+        share = costs.verify_seconds(rows * (length + 1)) / rows
+        rate = expected_tokens(alpha, length) / share
         if rate > best_rate:
             best, best_rate = length, rate
     return best, best_rate

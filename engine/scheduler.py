@@ -17,9 +17,14 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def admit(self) -> list[Request]:
+    def admit(self, token_budget: int = 0) -> list[Request]:
+        """Moves waiting requests into free slots, first come first served. With a
+        ``token_budget``, stops once the admitted prompts hold that many tokens (always
+        admitting at least one), so one step's prefill stays short and decoding continues
+        between prefills instead of stalling behind a crowd of long prompts."""
         admitted = []
-        while self.waiting and self._free:
+        tokens = 0
+        while self.waiting and self._free and not (token_budget and tokens >= token_budget):
             request = self.waiting.popleft()
             # Lowest free slot first keeps busy slots packed, so a batch is often one view.
             self._free.sort()
@@ -27,6 +32,7 @@ class Scheduler:
             request.status = Status.RUNNING
             self.running[request.slot] = request
             admitted.append(request)
+            tokens += len(request.prompt_token_ids)
         return admitted
 
     def batch(self) -> list[Request]:

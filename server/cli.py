@@ -75,6 +75,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "per row when they promise more than the draft model; 0 = off)",
     )
     group.add_argument(
+        "--prefill-budget",
+        type=int,
+        default=_env_int("PREFILL_BUDGET", 1024),
+        help="prompt tokens admitted per engine step, so decoding goes on between long "
+        "prefills (at least one request per step; 0 = fill every free slot at once)",
+    )
+    group.add_argument(
         "--draft-window",
         type=int,
         default=_env_int("DRAFT_WINDOW", 256),
@@ -124,6 +131,7 @@ def build_engine(args: argparse.Namespace):
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,
         prompt_lookup=args.prompt_lookup if speculates else 0,
+        prefill_budget=args.prefill_budget,
     )
     engine = Engine(
         target.model, draft.model if draft is not None else None, config, target.tokenizer

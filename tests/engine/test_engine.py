@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -398,3 +399,31 @@ def test_adaptive_gamma_probes_a_row_it_stopped_drafting() -> None:
         idle = idle + 1 if gamma == 0 else 0
         assert idle <= PROBE_EVERY
     assert any(g > 0 for g in gammas[first_idle:])
+
+
+def test_padding_groups_keep_waste_small() -> None:
+    from engine.engine import padding_groups
+
+    rows = [SimpleNamespace(n=n) for n in (800, 60, 70, 790, 65, 5)]
+    groups = padding_groups(rows, lambda r: r.n)
+    assert [[r.n for r in g] for g in groups] == [[800, 790], [70, 65, 60], [5]]
+    for group in groups:
+        assert max(r.n for r in group) * len(group) <= 1.25 * sum(r.n for r in group)
+
+
+def test_prefill_budget_interleaves_admission_with_decoding() -> None:
+    target, unrelated = models("qwen2")
+    config = EngineConfig(gamma=3, max_slots=4, max_len=128, prefill_budget=5)
+    eng = Engine(target, unrelated, config)
+    ids = [eng.add_request(p, GREEDY) for p in PROMPTS]
+    first = eng.step()
+    # PROMPTS[0] alone fills the budget: it decodes while the others still wait.
+    assert [o.request_id for o in first] == [ids[0]] and first[0].new_token_ids
+    assert eng.num_running == 1 and eng.num_waiting == 3
+    results = {i: [] for i in ids}
+    for out in first:
+        results[out.request_id] += out.new_token_ids
+    while eng.has_work():
+        for out in eng.step():
+            results[out.request_id] += out.new_token_ids
+    assert [results[i] for i in ids] == hf_greedy("qwen2")

@@ -4,7 +4,13 @@ import pytest
 
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
-from engine.gamma import AcceptanceEstimate, CostModel, choose_gamma, expected_tokens
+from engine.gamma import (
+    AcceptanceEstimate,
+    CostModel,
+    best_lookup_length,
+    choose_gamma,
+    expected_tokens,
+)
 from tests.engine.test_engine import GREEDY, PROMPTS, hf_greedy, models
 
 
@@ -75,3 +81,14 @@ def test_adaptive_engine_is_still_token_identical() -> None:
     same = Engine(target, target, config)
     results = same.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
     assert [r.token_ids for r in results] == hf_greedy("qwen2")
+
+
+def test_lookup_length_follows_acceptance_and_batch_cost() -> None:
+    # Batch 1 on a memory-bound machine: verifying all six copied tokens costs nothing extra.
+    assert best_lookup_length(0.9, 6, MEMORY_BOUND, rows=1)[0] == 6
+    # A batch of 8 fills the verify forward: one extra token per row still pays at 30 %
+    # acceptance, two do not, and at 10 % plain decoding beats any copied token.
+    assert best_lookup_length(0.3, 6, MEMORY_BOUND, rows=8)[0] == 1
+    assert best_lookup_length(0.1, 6, MEMORY_BOUND, rows=8)[0] == 0
+    # Without timings the lookup proposes everything it has.
+    assert best_lookup_length(0.1, 4, None) == (4, 0.0)

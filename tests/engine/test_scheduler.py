@@ -34,3 +34,17 @@ def test_find_and_remove_waiting() -> None:
     assert scheduler.find("b") is b and scheduler.find("a") is a and scheduler.find("x") is None
     scheduler.remove_waiting(b)
     assert not scheduler.waiting and b.finished
+
+
+def test_token_budget_limits_one_admission() -> None:
+    scheduler = Scheduler(max_slots=4)
+    lengths = [300, 500, 100, 50]
+    requests = [
+        Request(str(i), [1] * n, SamplingParams(), seed=0, gamma=0, max_new_tokens=4)
+        for i, n in enumerate(lengths)
+    ]
+    for r in requests:
+        scheduler.add(r)
+    assert [r.request_id for r in scheduler.admit(token_budget=600)] == ["0", "1"]
+    assert [r.request_id for r in scheduler.admit(token_budget=50)] == ["2"]  # at least one
+    assert [r.request_id for r in scheduler.admit(token_budget=0)] == ["3"]  # 0: no limit
