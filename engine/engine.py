@@ -506,14 +506,6 @@ class Engine:
                 target_logits, verdict.tokens, [r.params.logprobs for r in batch]
             )
         t2 = time.perf_counter()
-        if self.costs is not None:
-            self.costs.observe(
-                verify_tokens=len(batch) * (gamma + 1),
-                verify_seconds=t2 - t1,
-                draft_rows=len(plan.draft_rows),
-                draft_steps=plan.draft_gamma,
-                draft_seconds=t1 - t0,
-            )
 
         outputs, emitted_counts = [], []
         drafted_by_model = set(plan.draft_rows)

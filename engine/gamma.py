@@ -57,27 +57,6 @@ class CostModel:
 
     target: dict[int, float] = field(default_factory=dict)  # tokens -> seconds
     draft: dict[int, float] = field(default_factory=dict)
-    # Measured over predicted seconds of recent rounds. Start-up timings run at an empty
-    # context in a quiet process; real verifies attend over long contexts, so their cost
-    # relative to a draft step drifts, and the choice of gamma should drift with it.
-    verify_scale: float = 1.0
-    draft_scale: float = 1.0
-
-    def observe(
-        self,
-        verify_tokens: int,
-        verify_seconds: float,
-        draft_rows: int = 0,
-        draft_steps: int = 0,
-        draft_seconds: float = 0.0,
-    ) -> None:
-        """Folds one round's timings into the scales (moving average, outliers clamped)."""
-        if verify_tokens > 0 and self.target:
-            ratio = verify_seconds / self._lookup(self.target, verify_tokens)
-            self.verify_scale = _moving(self.verify_scale, ratio)
-        if draft_steps > 0 and draft_rows > 0 and self.draft:
-            ratio = draft_seconds / (draft_steps * self._lookup(self.draft, draft_rows))
-            self.draft_scale = _moving(self.draft_scale, ratio)
 
     @staticmethod
     def _lookup(table: dict[int, float], tokens: int) -> float:
@@ -92,19 +71,13 @@ class CostModel:
         return table[sizes[-1]] * tokens / sizes[-1]
 
     def verify_seconds(self, tokens: int) -> float:
-        return self.verify_scale * self._lookup(self.target, tokens)
+        return self._lookup(self.target, tokens)
 
     def round_seconds(self, rows: int, gamma: int) -> float:
-        verify = self.verify_seconds(rows * (gamma + 1))
+        verify = self._lookup(self.target, rows * (gamma + 1))
         if not gamma or not self.draft:
             return verify
-        return verify + gamma * self.draft_scale * self._lookup(self.draft, rows)
-
-
-def _moving(scale: float, ratio: float, weight: float = 0.1) -> float:
-    # One slow round (a page fault, another process) must not swing the choice of gamma.
-    ratio = min(max(ratio, 0.5), 4.0)
-    return (1 - weight) * scale + weight * ratio
+        return verify + gamma * self._lookup(self.draft, rows)
 
 
 def measure(forward: Callable[[int], None], sizes: list[int], repeats: int = 2) -> dict[int, float]:

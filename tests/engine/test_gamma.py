@@ -92,23 +92,3 @@ def test_lookup_length_follows_acceptance_and_batch_cost() -> None:
     assert best_lookup_length(0.1, 6, MEMORY_BOUND, rows=8)[0] == 0
     # Without timings the lookup proposes everything it has.
     assert best_lookup_length(0.1, 4, None) == (4, 0.0)
-
-
-def test_cost_model_follows_measured_rounds() -> None:
-    costs = CostModel(target={1: 0.1, 8: 0.1, 16: 0.12, 64: 0.4}, draft={1: 0.02, 8: 0.03})
-    alphas = [0.6] * 4
-    before = choose_gamma(alphas, [6] * 4, 6, costs)
-    assert before > 0
-    for _ in range(60):  # verifies keep costing three times their start-up timing
-        costs.observe(verify_tokens=16, verify_seconds=0.36, draft_rows=4, draft_steps=2,
-                      draft_seconds=2 * costs._lookup(costs.draft, 4))  # fmt: skip
-    assert costs.verify_scale == pytest.approx(3.0, rel=0.02)
-    assert costs.draft_scale == pytest.approx(1.0)
-    assert costs.verify_seconds(16) == pytest.approx(0.36, rel=0.02)
-    # Verification now dominates a round: spreading it over more drafts pays at least as well.
-    assert choose_gamma(alphas, [6] * 4, 6, costs) >= before
-    for _ in range(60):  # drafting gets dear instead (the machine is shared, say)
-        costs.observe(verify_tokens=16, verify_seconds=0.12, draft_rows=4, draft_steps=2,
-                      draft_seconds=8 * 2 * costs._lookup(costs.draft, 4))  # fmt: skip
-    assert costs.draft_scale == pytest.approx(4.0, rel=0.02)  # 8x measured, clamped at 4x
-    assert choose_gamma(alphas, [6] * 4, 6, costs) < before
