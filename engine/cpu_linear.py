@@ -65,7 +65,7 @@ def _kernel_dir() -> Path:
 
 
 def _compile(gcc: str) -> Path:
-    source = b"".join(path.read_bytes() for path in _SOURCES)
+    source = b"".join(path.read_bytes() for path in (*_SOURCES, _CSRC / "bf16.h"))
     version = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(source + " ".join(_CFLAGS).encode() + version.encode()).hexdigest()[:16]
     target = _kernel_dir() / f"specserve_cpu-{key}.so"
@@ -158,6 +158,15 @@ def available() -> bool:
     return _load() is not None
 
 
+def _operands(
+    x: torch.Tensor, bias: torch.Tensor | None, n: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """x made contiguous, bias in x's dtype, and the output [..., n] both kernels write."""
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return x.contiguous(), bias, torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+
+
 def _run(
     lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor | None:
@@ -166,11 +175,8 @@ def _run(
     Returns None if the kernel could not allocate its (small) scratch buffer.
     """
     # Called ~200 times per decode step, so it avoids reshapes and other per-call tensor ops.
-    x = x.contiguous()
+    x, bias, y = _operands(x, bias, weight.shape[0])
     n, k = weight.shape
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
     status = lib.specserve_linear_bf16(
         x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
         y.data_ptr(), x.numel() // k, n, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
@@ -198,11 +204,8 @@ def _run_int8(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    x = x.contiguous()
+    x, bias, y = _operands(x, bias, qweight.shape[0])
     n, k = qweight.shape
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
     status = lib.specserve_linear_int8(
         x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
         None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),

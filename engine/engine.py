@@ -475,9 +475,8 @@ class Engine:
             draft_tokens[index] = torch.tensor(copied, device=device)
             if draft_probs is not None:
                 # A copied token is a certain proposal: q = 1 on it (padding lies past row_gamma).
-                draft_probs[index] = torch.nn.functional.one_hot(
-                    draft_tokens[index], self.vocab_size
-                ).to(draft_probs.dtype)
+                certain = torch.zeros_like(draft_probs[index])
+                draft_probs[index] = certain.scatter_(-1, draft_tokens[index, :, None], 1.0)
         t1 = time.perf_counter()
         last = torch.tensor([[r.last_token] for r in batch], device=device)
         verify_batch = RaggedBatch(

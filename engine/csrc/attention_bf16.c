@@ -26,26 +26,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_HEAD_DIM 256
 #define MASKED (-1e30f)
 
 static inline __m256 load_bf16x8(const uint16_t *p) {
     __m128i raw = _mm_loadu_si128((const __m128i *)p);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
 /* Scores of keys [0, n) against q (fp32, length d), four keys at a time for independent FMA
@@ -65,17 +53,17 @@ static void scores_row(const float *q, const uint16_t *k, int64_t k_stride, int6
             a2 = _mm256_fmadd_ps(qv, load_bf16x8(k2 + c), a2);
             a3 = _mm256_fmadd_ps(qv, load_bf16x8(k3 + c), a3);
         }
-        out[j] = hsum8(a0) * scale;
-        out[j + 1] = hsum8(a1) * scale;
-        out[j + 2] = hsum8(a2) * scale;
-        out[j + 3] = hsum8(a3) * scale;
+        out[j] = hsum(a0) * scale;
+        out[j + 1] = hsum(a1) * scale;
+        out[j + 2] = hsum(a2) * scale;
+        out[j + 3] = hsum(a3) * scale;
     }
     for (; j < n; j++) {
         const uint16_t *k0 = k + j * k_stride;
         __m256 a0 = _mm256_setzero_ps();
         for (int64_t c = 0; c < d; c += 8)
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load_bf16x8(k0 + c), a0);
-        out[j] = hsum8(a0) * scale;
+        out[j] = hsum(a0) * scale;
     }
 }
 
@@ -154,7 +142,7 @@ int specserve_attention_bf16(const uint16_t *q, int64_t q_sb, int64_t q_sh, int6
                 float result[32];
                 for (int64_t lane = 0; lane < width / 8; lane++)
                     _mm256_storeu_ps(result + 8 * lane, _mm256_mul_ps(acc[lane], _mm256_set1_ps(inv)));
-                for (int64_t i = 0; i < width; i++) dst[c + i] = to_bf16(result[i]);
+                for (int64_t i = 0; i < width; i++) dst[c + i] = f32_to_bf16(result[i]);
             }
         }
         free(scores);
