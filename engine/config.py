@@ -19,8 +19,9 @@ class EngineConfig:
     # target, so a 5-token verify costs ~1.2x one token and its logits are bit-identical to
     # one-token decoding.
     cpu_kernels: bool = True
-    # With the CPU kernels: the draft model's decode steps read int8 copies of its weights (half
-    # the bytes of bf16; proposals may shift slightly, the output cannot).
+    # With the CPU kernels: the draft model's decode steps multiply int8 copies of its weights by
+    # int8-quantised activations (half the bytes of bf16 and 4x the products per instruction;
+    # proposals may shift slightly, the output cannot).
     draft_int8: bool = True
     # Draft LM head restricted to the first N token ids (byte-level BPE ids follow merge order,
     # i.e. frequency), plus the special tokens at the end of the vocabulary. 0 = full head.

@@ -101,10 +101,10 @@ def _self_check(lib: ctypes.CDLL) -> None:
     want = F.linear(x, w.float(), bias)
     if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         raise RuntimeError("kernel self-check gave wrong results")
-    x = torch.randn(2, 24, generator=generator)
-    qweight, scale = quantize_int8(torch.randn(5, 24, generator=generator).bfloat16())
+    x = torch.randn(3, 64, generator=generator)
+    qweight, scale = quantize_int8(torch.randn(5, 64, generator=generator).bfloat16())
     got = _run_int8(lib, x, qweight, scale, bias[:5])
-    want = F.linear(x, qweight.float() * scale[:, None], bias[:5])
+    want = int8_reference(x, qweight, scale, bias[:5])
     if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         raise RuntimeError("int8 kernel self-check gave wrong results")
 
@@ -195,6 +195,31 @@ def quantize_int8(weight: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor
         qweight[start : start + chunk] = (rows / row_scale[:, None]).round_().clamp_(-127, 127)
         scale[start : start + chunk] = row_scale
     return qweight, scale
+
+
+INT8_BLOCK = 32  # the int8 kernel quantises activations in blocks of this many channels
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the int8 kernel does to its input: int8 blocks of ``INT8_BLOCK`` channels with one
+    fp32 scale each, ``x ~ xq * scale`` blockwise (round half to even, like the kernel)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, INT8_BLOCK)
+    block_scale = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+    safe = torch.where(block_scale > 0, block_scale, torch.ones_like(block_scale))
+    xq = (blocks / safe).round_().clamp_(-127, 127)
+    return xq.reshape(x.shape).to(torch.int8), block_scale.squeeze(-1)
+
+
+def int8_reference(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The int8 kernel's result computed with torch (fp32, output in x's dtype)."""
+    xq, block_scale = quantize_activations(x)
+    dequantized = xq.float().reshape(*x.shape[:-1], -1, INT8_BLOCK) * block_scale[..., None]
+    out = F.linear(dequantized.reshape(x.shape), qweight.float() * scale[:, None])
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 def _run_int8(
@@ -288,7 +313,7 @@ class Int8Linear(FastLinear):
             and x.dtype in _IO_DTYPES
             and x.is_cpu
             and x.shape[-1] == self.in_features
-            and self.in_features % 8 == 0
+            and self.in_features % INT8_BLOCK == 0
             and 0 < x.numel() <= self.MAX_ROWS * self.in_features
             and not (torch.is_grad_enabled() and x.requires_grad)
         ):

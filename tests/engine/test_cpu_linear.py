@@ -224,19 +224,43 @@ def test_quantize_int8_round_trip() -> None:
     assert ((restored - weight.float()).abs() <= row_max / 254 + 1e-6).all()
 
 
+def test_quantize_activations_blockwise() -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 96, generator=g)
+    x[0, 5] = 40.0  # an outlier flattens only its own block
+    x[1, 32:64] = 0.0  # an all-zero block must not divide by zero
+    xq, block_scale = cpu_linear.quantize_activations(x)
+    assert xq.dtype == torch.int8 and block_scale.shape == (3, 3)
+    assert block_scale[1, 1] == 0 and (xq[1, 32:64] == 0).all()
+    restored = (xq.float().reshape(3, 3, 32) * block_scale[..., None]).reshape(3, 96)
+    assert ((restored - x).abs() <= block_scale.repeat_interleave(32, 1) / 2 + 1e-6).all()
+    assert xq[0, 32:].abs().max() == 127  # other blocks keep their full range
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_matches_dequantized_reference(m: int, dtype: torch.dtype) -> None:
-    base = nn.Linear(72, 37).bfloat16()
+def test_int8_linear_matches_quantized_reference(m: int, dtype: torch.dtype) -> None:
+    base = nn.Linear(96, 37).bfloat16()
     fast = cpu_linear.Int8Linear(base)
-    x = torch.randn(m, 72).to(dtype)
-    want = F.linear(x.float(), fast.qweight.float() * fast.scale[:, None], base.bias.float())
+    x = torch.randn(m, 96).to(dtype)
+    want = cpu_linear.int8_reference(x.float(), fast.qweight, fast.scale, base.bias.float())
     got = fast(x)
     assert got.dtype == dtype
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance)
-    # Close to the bf16 layer it replaces, too: int8 per row loses little.
+    # Close to the bf16 layer it replaces, too: int8 weights and activations lose little.
     torch.testing.assert_close(got.float(), base(x.bfloat16()).float(), rtol=0.05, atol=0.05)
+
+
+def test_int8_linear_rows_do_not_depend_on_the_batch() -> None:
+    # Each row's quantisation and dot products are its own, so a draft row proposes the same
+    # tokens alone or batched with others.
+    base = nn.Linear(128, 50).bfloat16()
+    fast = cpu_linear.Int8Linear(base)
+    x = torch.randn(5, 128)
+    batched = fast(x)
+    for row in range(5):
+        assert torch.equal(fast(x[row : row + 1]), batched[row : row + 1])
 
 
 def test_int8_linear_runs_long_inputs_on_the_bf16_weights() -> None:
