@@ -17,6 +17,7 @@ from engine.config import EngineConfig, SamplingParams
 from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
 from engine.gamma import (
+    PROBE_ALPHA,
     PROBE_EVERY,
     CostModel,
     best_lookup_length,
@@ -63,6 +64,10 @@ class RoundPlan:
     draft_rows: list[int] = field(default_factory=list)  # rows the draft model extends
     draft_gamma: int = 0  # draft model steps this round
     lookups: dict[int, list[int]] = field(default_factory=dict)  # row -> prompt-lookup drafts
+
+
+# A draft slot this many tokens behind catches up in its own forward rather than the draft step.
+CATCH_UP_ALONE = 3
 
 
 def padding_groups(rows: list[Request], length: Callable[[Request], int]) -> list[list[Request]]:
@@ -327,12 +332,8 @@ class Engine:
                 request.lookup.extend(request.prompt_token_ids)
         if not rows:
             return outputs
-        window = self.config.draft_window
         for request in rows:
             request.target_len = request.num_tokens - 1
-            if window > 0:
-                request.draft_offset = max(0, request.num_tokens - 1 - window)
-            request.draft_len = request.num_tokens - 1 - request.draft_offset
         for group in padding_groups(rows, lambda r: r.num_tokens - 1):
             self._prefill_group(group)
         return outputs
@@ -346,14 +347,8 @@ class Engine:
         )
         wants_logprobs = any(r.prompt_logprobs_pending for r in rows)
         hidden = self.target.prefill(batch, output="hidden" if wants_logprobs else "none")
-        if self.proposer is not None:
-            draft_batch = RaggedBatch(
-                [r.prompt_token_ids[r.draft_offset : -1] for r in rows],
-                [r.slot for r in rows],
-                [0] * len(rows),
-                [r.draft_len for r in rows],
-            )
-            self.proposer.runner.prefill(draft_batch)
+        # The draft's copy of the prompt waits until the row first drafts (_catch_up_draft):
+        # under load adaptive gamma may never draft for it, and then it would be pure cost.
         for index, request in enumerate(rows):
             if request.prompt_logprobs_pending:
                 request.prompt_logprobs_cache = prompt_logprobs(
@@ -407,12 +402,19 @@ class Engine:
             gamma = max(caps[i] for i in candidates)
             if self.costs is not None:
                 alphas = [batch[i].acceptance.alpha(model_prior) for i in candidates]
-                gamma = choose_gamma(alphas, [caps[i] for i in candidates], gamma, self.costs)
+                row_caps = [caps[i] for i in candidates]
+                max_gamma = gamma
+                gamma = choose_gamma(alphas, row_caps, max_gamma, self.costs)
+                # A probe keeps a pessimistic estimate honest, but only where drafting could
+                # pay at all: at a large batch even a good draft may not beat plain decoding.
+                probe = gamma == 0 and choose_gamma(
+                    [PROBE_ALPHA] * len(candidates), row_caps, max_gamma, self.costs
+                )
                 for i in candidates:
                     request = batch[i]
                     request.rounds_without_draft = 0 if gamma else request.rounds_without_draft + 1
-                    if request.rounds_without_draft >= PROBE_EVERY:
-                        gamma = max(gamma, 1)  # a cheap probe keeps the estimate honest
+                    if probe and request.rounds_without_draft >= PROBE_EVERY:
+                        gamma = 1
                         request.rounds_without_draft = 0
             if gamma > 0:
                 plan.draft_rows = candidates
@@ -440,6 +442,36 @@ class Engine:
         share = self.costs.round_seconds(rows, gamma) / rows
         return lookup_rate >= expected_tokens(model_alpha, gamma) / share
 
+    def _catch_up_draft(self, rows: list[Request]) -> None:
+        """Feeds the draft, in prompt-style forwards, what its slots miss beyond the last
+        token (which the first draft step feeds): a new row's prompt window, or the tokens of
+        rounds that copied their drafts or skipped drafting. Left to the draft step, one long
+        catch-up would pad every other row of the step to its length."""
+        assert self.proposer is not None
+        window = self.config.draft_window
+        behind = []
+        for request in rows:
+            if request.draft_len == 0 and window > 0:
+                # A first catch-up: the window ends at the row's present, not its prompt.
+                request.draft_offset = max(0, request.num_tokens - 1 - window)
+            if self._draft_missing(request) >= CATCH_UP_ALONE:
+                behind.append(request)
+        for group in padding_groups(behind, self._draft_missing):
+            batch = RaggedBatch(
+                [r.tokens_from(r.draft_offset + r.draft_len)[:-1] for r in group],
+                [r.slot for r in group],
+                [r.draft_len for r in group],
+                [self._draft_missing(r) for r in group],
+            )
+            self.proposer.runner.prefill(batch)
+            for request in group:
+                request.draft_len = request.num_tokens - 1 - request.draft_offset
+
+    @staticmethod
+    def _draft_missing(request: Request) -> int:
+        """Tokens before the last one that the row's draft slot has not seen."""
+        return request.num_tokens - 1 - request.draft_offset - request.draft_len
+
     def _round(self, batch: list[Request]) -> list[RequestOutput]:
         device = self.target.device
         plan = self._plan(batch)
@@ -455,6 +487,7 @@ class Engine:
         if plan.draft_rows:
             assert self.proposer is not None
             chosen = [batch[i] for i in plan.draft_rows]
+            self._catch_up_draft(chosen)
             rows = DraftRows(
                 slots=[r.slot for r in chosen],
                 catch_up=[r.tokens_from(r.draft_offset + r.draft_len) for r in chosen],

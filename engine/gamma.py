@@ -28,6 +28,8 @@ DECAY = 0.9
 # A row held at gamma 0 gets a one-token probe this often: without new evidence a pessimistic
 # estimate could never recover.
 PROBE_EVERY = 8
+# Probes happen only where drafting at this acceptance (a very good draft's) would pay.
+PROBE_ALPHA = 0.9
 
 
 @dataclass

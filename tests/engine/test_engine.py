@@ -318,6 +318,47 @@ def test_bf16_cpu_kernels_keep_speculation_token_identical() -> None:
     assert 0 < spec_engine.stats.acceptance_rate < 1
 
 
+def test_draft_catches_up_lazily_with_a_cache_as_if_it_had_followed_along() -> None:
+    from engine.gamma import CostModel
+
+    target, _ = models("llama")
+    draft = perturbed(target, 0.05)
+    config = EngineConfig(gamma=4, max_slots=2, max_len=128, draft_window=6, prompt_lookup=0)
+    eng = Engine(target, draft, config)
+    # First drafting cannot pay, so rows decode plainly and their draft slots stay empty...
+    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 1.0})
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    ids = [eng.add_request(p, params) for p in (PROMPTS[2], PROMPTS[1])]
+    for _ in range(5):
+        eng.step()
+    rows = [eng.scheduler.find(i) for i in ids]
+    assert all(r.draft_len == 0 for r in rows)
+    # ... then it becomes cheap: both rows catch up (prompt window plus 5 generated tokens,
+    # lengths differ) before their first draft step.
+    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.01})
+    rounds = []
+    eng.on_round = rounds.append
+    eng.step()
+    assert rounds[-1].gamma > 0
+    runner = eng.proposer.runner
+    for request in rows:
+        assert request.draft_offset == len(request.prompt_token_ids) + 5 - 1 - 6
+        window = request.token_ids[request.draft_offset : request.draft_offset + request.draft_len]
+        assert request.draft_len >= 6
+        for layer, (ref_k, ref_v) in enumerate(_fresh_cache(draft, window)):
+            torch.testing.assert_close(
+                runner.cache.slot_keys(layer, request.slot, request.draft_len), ref_k
+            )
+            torch.testing.assert_close(
+                runner.cache.slot_values(layer, request.slot, request.draft_len), ref_v
+            )
+    while eng.has_work():
+        eng.step()
+    assert eng.stats.accepted > 0
+    want = hf_greedy("llama", (tuple(PROMPTS[2]), tuple(PROMPTS[1])))
+    assert [r.output_token_ids for r in rows] == want
+
+
 def test_draft_context_window_stays_lossless_and_caches_only_the_window() -> None:
     target, _ = models("llama")
     draft = perturbed(target, 0.05)
@@ -383,8 +424,8 @@ def test_adaptive_gamma_probes_a_row_it_stopped_drafting() -> None:
     target, unrelated = models("llama")
     config = EngineConfig(gamma=4, max_slots=1, max_len=128, adaptive_gamma=True)
     eng = Engine(target, unrelated, config)
-    # A draft step as dear as a verify: drafting pays only with high acceptance.
-    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 1.0})
+    # A draft step half as dear as a verify: drafting pays only with high acceptance.
+    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.5})
     rounds = []
     eng.on_round = rounds.append
     params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
@@ -399,6 +440,29 @@ def test_adaptive_gamma_probes_a_row_it_stopped_drafting() -> None:
         idle = idle + 1 if gamma == 0 else 0
         assert idle <= PROBE_EVERY
     assert any(g > 0 for g in gammas[first_idle:])
+
+
+def test_adaptive_gamma_neither_drafts_nor_probes_where_drafting_cannot_pay() -> None:
+    from engine.gamma import PROBE_ALPHA, CostModel, choose_gamma
+
+    target, draft = models("llama")
+    config = EngineConfig(gamma=4, max_slots=1, max_len=128, adaptive_gamma=True)
+    eng = Engine(target, draft, config)
+    # A draft step as dear as a verify: not even a good draft's acceptance would pay.
+    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 1.0})
+    assert choose_gamma([PROBE_ALPHA], [4], 4, eng.costs) == 0
+    assert eng.proposer is not None
+    draft_forwards = []
+    forward = eng.proposer.runner.forward
+    eng.proposer.runner.forward = lambda *a, **k: draft_forwards.append(1) or forward(*a, **k)
+    rounds = []
+    eng.on_round = rounds.append
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    (result,) = eng.generate([PROMPTS[0]], params)
+    assert result.token_ids[:NEW_TOKENS] == hf_greedy("llama")[0]
+    assert len(rounds) == 40 and all(r.gamma == 0 for r in rounds)
+    # Nor did the draft model run at all: not even its copy of the prompt was computed.
+    assert draft_forwards == []
 
 
 def test_padding_groups_keep_waste_small() -> None:
