@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from engine.cpu_linear import prompt_gemm
 from engine.kv_cache import SlotKVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox")
@@ -70,13 +71,14 @@ class ModelRunner:
     def prefill(self, batch: RaggedBatch, output: str = "none") -> torch.Tensor | None:
         """A forward over prompt tokens, with ``prefill_attention`` when one is set."""
         decode_attention = self.model.config._attn_implementation
-        if self.prefill_attention is None or self.prefill_attention == decode_attention:
-            return self.forward(batch, output)
-        self.model.set_attn_implementation(self.prefill_attention)
-        try:
-            return self.forward(batch, output)
-        finally:
-            self.model.set_attn_implementation(decode_attention)
+        with prompt_gemm():
+            if self.prefill_attention is None or self.prefill_attention == decode_attention:
+                return self.forward(batch, output)
+            self.model.set_attn_implementation(self.prefill_attention)
+            try:
+                return self.forward(batch, output)
+            finally:
+                self.model.set_attn_implementation(decode_attention)
 
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch, output: str = "last") -> torch.Tensor | None:

@@ -278,3 +278,33 @@ def test_patch_model_int8_for_drafts() -> None:
     head = model.get_output_embeddings()
     assert isinstance(head, cpu_linear.Int8Linear)
     assert head.weight is model.get_input_embeddings().weight
+
+
+def test_prompt_gemm_takes_long_inputs_only_inside_its_block() -> None:
+    g = torch.Generator().manual_seed(9)
+    weight = torch.randn(48, 64, generator=g).bfloat16()
+    bias = torch.randn(48, generator=g).bfloat16()
+    long = torch.randn(cpu_linear.PROMPT_GEMM_MIN_ROWS, 64, generator=g).bfloat16()
+    short = long[:5]
+    outside_long, outside_short = linear(long, weight, bias), linear(short, weight, bias)
+    calls = []
+    original = cpu_linear._prompt_gemm
+    cpu_linear._prompt_gemm = lambda *a: calls.append(a[0].shape[0]) or original(*a)
+    try:
+        with cpu_linear.prompt_gemm():
+            inside_long, inside_short = linear(long, weight, bias), linear(short, weight, bias)
+    finally:
+        cpu_linear._prompt_gemm = original
+    assert calls == [cpu_linear.PROMPT_GEMM_MIN_ROWS]  # the short input stayed on the kernel
+    assert torch.equal(inside_short, outside_short)
+    assert inside_long.dtype == torch.bfloat16
+    want = F.linear(long.float(), weight.float(), bias.float())
+    torch.testing.assert_close(inside_long.float(), want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(outside_long.float(), want, rtol=1e-2, atol=1e-2)
+    # A smaller layer after a larger one reuses the scratch buffer without stale values.
+    with cpu_linear.prompt_gemm():
+        small = linear(long[:, :32], weight[:8, :32].contiguous())
+    torch.testing.assert_close(
+        small.float(), F.linear(long[:, :32].float(), weight[:8, :32].float()), rtol=1e-2, atol=1e-2
+    )
+    assert not getattr(cpu_linear._prompt_mode, "on", False)
