@@ -30,7 +30,8 @@ class EngineConfig:
     # Choose each round's gamma (0..gamma) from per-request acceptance and start-up timings of
     # the draft and verify forwards (engine/gamma.py).
     adaptive_gamma: bool = False
-    # The draft sees at most this many prompt tokens (0 = all). Prefilling a long prompt into
+    # When a row first drafts, its draft slot gets at most this many of the tokens so far
+    # (0 = all). Prefilling a long prompt into
     # the draft costs a third of the target's prefill on the default pair, while its guesses
     # mostly depend on the recent context; verification keeps the output lossless regardless.
     draft_window: int = 0

@@ -85,7 +85,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--draft-window",
         type=int,
         default=_env_int("DRAFT_WINDOW", 256),
-        help="prompt tokens the draft model sees (0 = all); output stays lossless",
+        help="context tokens the draft model copies when a row first drafts (0 = all)",
     )
     group.add_argument(
         "--cpu-kernels",

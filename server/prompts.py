@@ -129,6 +129,7 @@ def submissions(
                     stop_token_ids=list(body.stop_token_ids or []),
                     ignore_eos=bool(body.ignore_eos),
                     proposer=body.proposer or "auto",
+                    gamma=body.gamma,
                     logprobs=logprobs,
                     prompt_logprobs=prompt_logprobs,
                 )

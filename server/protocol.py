@@ -54,6 +54,9 @@ class SamplingFields(_Body):
     ignore_eos: StrictBool | None = False  # vLLM's extension, sent by benchmark tools
     # Ours: where draft tokens come from for this request (output is the same either way).
     proposer: Literal["auto", "draft", "ngram"] | None = None
+    # Ours: at most this many draft tokens per round for this request (0: no speculation); it
+    # can lower the server's --gamma, never raise it.
+    gamma: Annotated[StrictInt, Field(ge=0)] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None

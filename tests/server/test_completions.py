@@ -233,3 +233,22 @@ def test_unknown_fields_are_ignored(server: RunningServer) -> None:
     response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_gamma_field_lowers_speculation_for_one_request(server: RunningServer) -> None:
+    def run(**extra: int) -> dict:
+        body = {"model": MODEL, "prompt": "hello world", "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True, **extra}  # fmt: skip
+        return httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).json()
+
+    default, lowered, off = run(), run(gamma=1), run(gamma=0)
+    spec = [r["metrics"]["speculative_decoding"] for r in (default, lowered, off)]
+    # The server drafts 4 per round; this request at most 1, or none at all. Same text: lossless.
+    assert spec[0]["num_draft_tokens"] > spec[0]["num_spec_steps"]
+    assert spec[1]["num_draft_tokens"] == spec[1]["num_spec_steps"] > 0
+    assert spec[2]["num_draft_tokens"] == 0
+    assert default["choices"][0]["text"] == lowered["choices"][0]["text"]
+    assert default["choices"][0]["text"] == off["choices"][0]["text"]
+    # Asking for more than the server's gamma is not an error, and drafts no more than it.
+    higher = run(gamma=16)["metrics"]["speculative_decoding"]
+    assert higher["num_draft_tokens"] <= 4 * higher["num_spec_steps"]
