@@ -22,6 +22,7 @@ from engine.gamma import (
     CostModel,
     best_lookup_length,
     calibration_sizes,
+    catch_up_pays,
     choose_gamma,
     expected_tokens,
     measure,
@@ -68,6 +69,7 @@ class RoundPlan:
 
 # A draft slot this many tokens behind catches up in its own forward rather than the draft step.
 CATCH_UP_ALONE = 3
+CATCH_UP_CALIBRATION = 64  # tokens of the draft prefill timed at start-up
 
 
 def padding_groups(rows: list[Request], length: Callable[[Request], int]) -> list[list[Request]]:
@@ -209,6 +211,10 @@ class Engine:
         if self.proposer is not None:
             sizes = calibration_sizes(min(capacity, self.config.max_slots))
             costs.draft = measure(draft, sizes)
+            tokens = min(capacity, CATCH_UP_CALIBRATION)
+            batch = RaggedBatch([[0] * tokens], [trash], [0], [tokens])
+            seconds = measure(lambda _: self.proposer.runner.prefill(batch), [tokens])
+            costs.draft_catch_up = seconds[tokens] / tokens
         log.info("adaptive gamma calibrated in %.1f s", time.perf_counter() - started)
         return costs
 
@@ -287,7 +293,7 @@ class Engine:
         outputs = self._take_inbox()
         admitted = self.scheduler.admit(self.config.prefill_budget)
         if admitted:
-            outputs += self._prefill(admitted)
+            self._prefill(admitted)
         batch = self.scheduler.batch()
         if batch:
             outputs += self._round(batch)
@@ -313,10 +319,9 @@ class Engine:
             outputs.append(self._output(request, [], ""))
         return outputs
 
-    def _prefill(self, requests: list[Request]) -> list[RequestOutput]:
+    def _prefill(self, requests: list[Request]) -> None:
         """Fills both slot caches with every prompt token but the last, which the first round
         feeds (so prefill and decode share one invariant: the last token is always pending)."""
-        outputs = []
         rows = [r for r in requests if r.num_tokens > 1]
         for request in requests:
             request.stats.arrival_time = min(request.stats.arrival_time, time.monotonic())
@@ -330,13 +335,10 @@ class Engine:
                     self.config.prompt_lookup, min(2, self.config.prompt_lookup)
                 )
                 request.lookup.extend(request.prompt_token_ids)
-        if not rows:
-            return outputs
         for request in rows:
             request.target_len = request.num_tokens - 1
         for group in padding_groups(rows, lambda r: r.num_tokens - 1):
             self._prefill_group(group)
-        return outputs
 
     def _prefill_group(self, rows: list[Request]) -> None:
         batch = RaggedBatch(
@@ -398,6 +400,23 @@ class Engine:
                     continue
             if use_model:
                 candidates.append(index)
+        if candidates and self.costs is not None:
+            # A row that never drafted yet owes its draft slot the prompt: it drafts only when
+            # the tokens it has left can repay that catch-up. Under load often they cannot.
+            candidates = [
+                i
+                for i in candidates
+                if batch[i].draft_len > 0
+                or self._missing_after_anchor(batch[i]) < CATCH_UP_ALONE
+                or catch_up_pays(
+                    batch[i].acceptance.alpha(model_prior),
+                    caps[i],
+                    batch[i].max_new_tokens - len(batch[i].output_token_ids),
+                    self._missing_after_anchor(batch[i]),
+                    len(batch),
+                    self.costs,
+                )
+            ]
         if candidates:
             gamma = max(caps[i] for i in candidates)
             if self.costs is not None:
@@ -466,6 +485,12 @@ class Engine:
             self.proposer.runner.prefill(batch)
             for request in group:
                 request.draft_len = request.num_tokens - 1 - request.draft_offset
+
+    def _missing_after_anchor(self, request: Request) -> int:
+        """What ``_draft_missing`` will be once ``_catch_up_draft`` has placed the window."""
+        if request.draft_len == 0 and self.config.draft_window > 0:
+            return min(request.num_tokens - 1, self.config.draft_window)
+        return self._draft_missing(request)
 
     @staticmethod
     def _draft_missing(request: Request) -> int:

@@ -59,6 +59,8 @@ class CostModel:
 
     target: dict[int, float] = field(default_factory=dict)  # tokens -> seconds
     draft: dict[int, float] = field(default_factory=dict)
+    # Seconds per token of copying context into a draft slot (a prompt-style forward).
+    draft_catch_up: float = 0.0
 
     @staticmethod
     def _lookup(table: dict[int, float], tokens: int) -> float:
@@ -116,6 +118,23 @@ def best_lookup_length(
         if rate > best_rate:
             best, best_rate = length, rate
     return best, best_rate
+
+
+def catch_up_pays(
+    alpha: float, cap: int, remaining: int, missing: int, rows: int, costs: CostModel
+) -> bool:
+    """Whether a row whose draft slot misses ``missing`` tokens should catch it up and draft.
+
+    The catch-up is a one-off forward that stalls the whole batch; drafting then saves time on
+    each of the row's ``remaining`` tokens. Judged, like the rest, as if every one of ``rows``
+    rows made the same choice: B catch-ups against B rows' savings per token.
+    """
+    gamma = choose_gamma([alpha] * rows, [cap] * rows, cap, costs)
+    if gamma == 0:
+        return False
+    plain = costs.round_seconds(rows, 0)
+    drafted = costs.round_seconds(rows, gamma) / expected_tokens(alpha, gamma)
+    return remaining * (plain - drafted) > rows * missing * costs.draft_catch_up
 
 
 def choose_gamma(alphas: list[float], caps: list[int], max_gamma: int, costs: CostModel) -> int:

@@ -359,6 +359,29 @@ def test_draft_catches_up_lazily_with_a_cache_as_if_it_had_followed_along() -> N
     assert [r.output_token_ids for r in rows] == want
 
 
+def test_a_new_row_drafts_only_if_its_tokens_can_repay_the_draft_prefill() -> None:
+    from engine.gamma import CostModel
+
+    target, _ = models("llama")
+    config = EngineConfig(gamma=4, max_slots=2, max_len=128, prompt_lookup=0)
+    eng = Engine(target, perturbed(target, 0.05), config)
+    draft_forwards = []
+    forward = eng.proposer.runner.forward
+    eng.proposer.runner.forward = lambda *a, **k: draft_forwards.append(1) or forward(*a, **k)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    # Drafting pays per round, but copying the prompt into the draft would cost more than
+    # drafting could save over 20 tokens: plain decoding, and the draft never runs.
+    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.1}, draft_catch_up=1.0)
+    (result,) = eng.generate([PROMPTS[2]], params)
+    assert result.token_ids == hf_greedy("llama")[2]
+    assert draft_forwards == [] and eng.stats.drafted == 0
+    # A cheap copy: the same request drafts.
+    eng.costs.draft_catch_up = 0.001
+    (result,) = eng.generate([PROMPTS[2]], params)
+    assert result.token_ids == hf_greedy("llama")[2]
+    assert draft_forwards and eng.stats.drafted > 0
+
+
 def test_draft_context_window_stays_lossless_and_caches_only_the_window() -> None:
     target, _ = models("llama")
     draft = perturbed(target, 0.05)

@@ -8,6 +8,7 @@ from engine.gamma import (
     AcceptanceEstimate,
     CostModel,
     best_lookup_length,
+    catch_up_pays,
     choose_gamma,
     expected_tokens,
 )
@@ -92,3 +93,18 @@ def test_lookup_length_follows_acceptance_and_batch_cost() -> None:
     assert best_lookup_length(0.1, 6, MEMORY_BOUND, rows=8)[0] == 0
     # Without timings the lookup proposes everything it has.
     assert best_lookup_length(0.1, 4, None) == (4, 0.0)
+
+
+def test_catch_up_pays_only_when_the_remaining_tokens_repay_it() -> None:
+    from dataclasses import replace
+
+    costs = replace(MEMORY_BOUND, draft_catch_up=0.005)  # 256 tokens: 1.28 s
+    # Alone, with 60 tokens to go and a good draft, a prompt-sized catch-up pays for itself...
+    assert catch_up_pays(0.8, 6, remaining=60, missing=256, rows=1, costs=costs)
+    # ... but not for a short answer, nor for a row whose draft is poor.
+    assert not catch_up_pays(0.8, 6, remaining=4, missing=256, rows=1, costs=costs)
+    assert not catch_up_pays(0.05, 6, remaining=60, missing=256, rows=1, costs=costs)
+    # A small catch-up (a few tokens behind) pays where a prompt-sized one does not.
+    assert catch_up_pays(0.8, 6, remaining=4, missing=8, rows=1, costs=costs)
+    # Under load each row's saving shrinks while every row's catch-up stalls the whole batch.
+    assert not catch_up_pays(0.8, 6, remaining=60, missing=256, rows=8, costs=costs)
