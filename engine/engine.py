@@ -423,11 +423,14 @@ class Engine:
                 alphas = [batch[i].acceptance.alpha(model_prior) for i in candidates]
                 row_caps = [caps[i] for i in candidates]
                 max_gamma = gamma
-                gamma = choose_gamma(alphas, row_caps, max_gamma, self.costs)
+                chosen = set(candidates)
+                others = [i for i in range(len(batch)) if i not in chosen]
+                rest = (len(others), sum(plan.row_gamma[i] + 1 for i in others))
+                gamma = choose_gamma(alphas, row_caps, max_gamma, self.costs, *rest)
                 # A probe keeps a pessimistic estimate honest, but only where drafting could
                 # pay at all: at a large batch even a good draft may not beat plain decoding.
                 probe = gamma == 0 and choose_gamma(
-                    [PROBE_ALPHA] * len(candidates), row_caps, max_gamma, self.costs
+                    [PROBE_ALPHA] * len(candidates), row_caps, max_gamma, self.costs, *rest
                 )
                 for i in candidates:
                     request = batch[i]

@@ -77,8 +77,10 @@ class CostModel:
     def verify_seconds(self, tokens: int) -> float:
         return self._lookup(self.target, tokens)
 
-    def round_seconds(self, rows: int, gamma: int) -> float:
-        verify = self._lookup(self.target, rows * (gamma + 1))
+    def round_seconds(self, rows: int, gamma: int, other_tokens: int = 0) -> float:
+        """A round where ``rows`` rows draft ``gamma`` tokens each and other rows add
+        ``other_tokens`` tokens to the verify forward."""
+        verify = self._lookup(self.target, rows * (gamma + 1) + other_tokens)
         if not gamma or not self.draft:
             return verify
         return verify + gamma * self._lookup(self.draft, rows)
@@ -137,14 +139,24 @@ def catch_up_pays(
     return remaining * (plain - drafted) > rows * missing * costs.draft_catch_up
 
 
-def choose_gamma(alphas: list[float], caps: list[int], max_gamma: int, costs: CostModel) -> int:
-    """The round's gamma maximising expected emitted tokens per second over the batch."""
+def choose_gamma(
+    alphas: list[float],
+    caps: list[int],
+    max_gamma: int,
+    costs: CostModel,
+    other_rows: int = 0,
+    other_tokens: int = 0,
+) -> int:
+    """The round's gamma maximising expected emitted tokens per second over the batch: the
+    drafting rows (``alphas``, ``caps``) plus ``other_rows`` that do not draft from the model
+    (plain or prompt-lookup rows) and put ``other_tokens`` into the same verify forward. Those
+    wait through every draft step too, so a lone drafting row in a large batch drafts less."""
     best_gamma, best_rate = 0, 0.0
     for gamma in range(max_gamma + 1):
-        tokens = sum(
+        tokens = other_rows + sum(
             expected_tokens(alpha, min(gamma, cap)) for alpha, cap in zip(alphas, caps, strict=True)
         )
-        rate = tokens / costs.round_seconds(len(alphas), gamma)
+        rate = tokens / costs.round_seconds(len(alphas), gamma, other_tokens)
         if rate > best_rate:
             best_gamma, best_rate = gamma, rate
     return best_gamma

@@ -108,3 +108,14 @@ def test_catch_up_pays_only_when_the_remaining_tokens_repay_it() -> None:
     assert catch_up_pays(0.8, 6, remaining=4, missing=8, rows=1, costs=costs)
     # Under load each row's saving shrinks while every row's catch-up stalls the whole batch.
     assert not catch_up_pays(0.8, 6, remaining=60, missing=256, rows=8, costs=costs)
+
+
+def test_rows_that_do_not_draft_make_drafting_dearer() -> None:
+    # One drafting row alone drafts a lot; beside seven rows that only wait for it (and fill
+    # the verify forward), far less or not at all.
+    alone = choose_gamma([0.8], [6], 6, MEMORY_BOUND)
+    beside_seven = choose_gamma([0.8], [6], 6, MEMORY_BOUND, other_rows=7, other_tokens=7)
+    assert alone > 0 and beside_seven < alone
+    many_waiting = CostModel(target={1: 0.1, 8: 0.12, 64: 1.0}, draft={1: 0.05})
+    assert choose_gamma([0.8], [6], 6, many_waiting) > 0
+    assert choose_gamma([0.8], [6], 6, many_waiting, other_rows=7, other_tokens=7) == 0
