@@ -402,7 +402,9 @@ class Engine:
                 candidates.append(index)
         if candidates and self.costs is not None:
             # A row that never drafted yet owes its draft slot the prompt: it drafts only when
-            # the tokens it has left can repay that catch-up. Under load often they cannot.
+            # the tokens it has left can repay that catch-up. Under load often they cannot;
+            # judged at the batch size the queued requests are about to make.
+            soon = min(self.config.max_slots, len(batch) + len(self.scheduler.waiting))
             candidates = [
                 i
                 for i in candidates
@@ -413,7 +415,7 @@ class Engine:
                     caps[i],
                     batch[i].max_new_tokens - len(batch[i].output_token_ids),
                     self._missing_after_anchor(batch[i]),
-                    len(batch),
+                    soon,
                     self.costs,
                 )
             ]

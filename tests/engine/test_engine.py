@@ -382,6 +382,29 @@ def test_a_new_row_drafts_only_if_its_tokens_can_repay_the_draft_prefill() -> No
     assert draft_forwards and eng.stats.drafted > 0
 
 
+def test_a_new_row_judges_the_draft_prefill_at_the_batch_the_queue_will_make() -> None:
+    from engine.gamma import CostModel
+
+    target, _ = models("llama")
+    draft = perturbed(target, 0.05)
+    # One admission per step, so the first round runs one row while the others still queue.
+    config = EngineConfig(gamma=6, max_slots=4, max_len=128, prompt_lookup=0, prefill_budget=1)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    first_gammas = []
+    for queued in (0, 3):
+        eng = Engine(target, draft, config)
+        # Repaid by 20 tokens of drafting for one row, not for four rows' prompts at once.
+        eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.1}, draft_catch_up=0.2)
+        rounds = []
+        eng.on_round = rounds.append
+        for _ in range(1 + queued):
+            eng.add_request(PROMPTS[2], params)
+        eng.step()
+        assert rounds[0].batch_size == 1
+        first_gammas.append(rounds[0].gamma)
+    assert first_gammas[0] > 0 and first_gammas[1] == 0
+
+
 def test_draft_context_window_stays_lossless_and_caches_only_the_window() -> None:
     target, _ = models("llama")
     draft = perturbed(target, 0.05)
