@@ -382,10 +382,16 @@ class Engine:
         model_prior = self.stats.model_acceptance(0.7)
         ngram_prior = self.stats.ngram_acceptance(0.5)
         candidates: list[int] = []
+        # Judged at the batch size the queued requests are about to make.
+        soon = min(self.config.max_slots, len(batch) + len(self.scheduler.waiting))
         for index, request in enumerate(batch):
             if caps[index] == 0:
                 continue
-            use_model = self.proposer is not None and request.params.proposer != "ngram"
+            use_model = (
+                self.proposer is not None
+                and request.params.proposer != "ngram"
+                and self._draft_ready(request, caps[index], model_prior, soon)
+            )
             proposal = request.lookup.propose(caps[index]) if request.lookup is not None else []
             if proposal:
                 alpha = request.ngram_acceptance.alpha(ngram_prior)
@@ -400,25 +406,6 @@ class Engine:
                     continue
             if use_model:
                 candidates.append(index)
-        if candidates and self.costs is not None:
-            # A row that never drafted yet owes its draft slot the prompt: it drafts only when
-            # the tokens it has left can repay that catch-up. Under load often they cannot;
-            # judged at the batch size the queued requests are about to make.
-            soon = min(self.config.max_slots, len(batch) + len(self.scheduler.waiting))
-            candidates = [
-                i
-                for i in candidates
-                if batch[i].draft_len > 0
-                or self._missing_after_anchor(batch[i]) < CATCH_UP_ALONE
-                or catch_up_pays(
-                    batch[i].acceptance.alpha(model_prior),
-                    caps[i],
-                    batch[i].max_new_tokens - len(batch[i].output_token_ids),
-                    self._missing_after_anchor(batch[i]),
-                    soon,
-                    self.costs,
-                )
-            ]
         if candidates:
             gamma = max(caps[i] for i in candidates)
             if self.costs is not None:
@@ -446,6 +433,19 @@ class Engine:
                     plan.row_gamma[i] = min(caps[i], gamma)
                 plan.draft_gamma = max(plan.row_gamma[i] for i in candidates)
         return plan
+
+    def _draft_ready(self, request: Request, cap: int, model_prior: float, rows: int) -> bool:
+        """Whether the draft model may propose for this row. A row that never drafted owes
+        its draft slot the prompt, and pays that catch-up only when the tokens it has left
+        can repay it: under load often they cannot (prompt lookup may still serve it)."""
+        if request.draft_len > 0 or self.costs is None:
+            return True
+        missing = self._missing_after_anchor(request)
+        if missing < CATCH_UP_ALONE:
+            return True
+        remaining = request.max_new_tokens - len(request.output_token_ids)
+        alpha = request.acceptance.alpha(model_prior)
+        return catch_up_pays(alpha, cap, remaining, missing, rows, self.costs)
 
     def _lookup_beats_model(
         self,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -375,6 +376,13 @@ def test_a_new_row_drafts_only_if_its_tokens_can_repay_the_draft_prefill() -> No
     (result,) = eng.generate([PROMPTS[2]], params)
     assert result.token_ids == hf_greedy("llama")[2]
     assert draft_forwards == [] and eng.stats.drafted == 0
+    # Prompt lookup still serves such a row: it needs no catch-up.
+    lookup = Engine(target, perturbed(target, 0.05), replace(config, prompt_lookup=3))
+    lookup.costs = replace(eng.costs, draft_catch_up=5.0)  # its prompt is shorter
+    repeating = [5, 6, 7, 8, 9, 5, 6, 7]
+    (result,) = lookup.generate([repeating], params)
+    assert result.token_ids == hf_greedy("llama", (tuple(repeating),))[0]
+    assert lookup.stats.ngram_drafted > 0 and lookup.stats.drafted == lookup.stats.ngram_drafted
     # A cheap copy: the same request drafts.
     eng.costs.draft_catch_up = 0.001
     (result,) = eng.generate([PROMPTS[2]], params)
