@@ -440,7 +440,7 @@ class Engine:
         can repay it: under load often they cannot (prompt lookup may still serve it)."""
         if request.draft_len > 0 or self.costs is None:
             return True
-        missing = self._missing_after_anchor(request)
+        missing = self._draft_missing(request, self._draft_anchor(request))
         if missing < CATCH_UP_ALONE:
             return True
         remaining = request.max_new_tokens - len(request.output_token_ids)
@@ -472,12 +472,9 @@ class Engine:
         rounds that copied their drafts or skipped drafting. Left to the draft step, one long
         catch-up would pad every other row of the step to its length."""
         assert self.proposer is not None
-        window = self.config.draft_window
         behind = []
         for request in rows:
-            if request.draft_len == 0 and window > 0:
-                # A first catch-up: the window ends at the row's present, not its prompt.
-                request.draft_offset = max(0, request.num_tokens - 1 - window)
+            request.draft_offset = self._draft_anchor(request)
             if self._draft_missing(request) >= CATCH_UP_ALONE:
                 behind.append(request)
         for group in padding_groups(behind, self._draft_missing):
@@ -491,16 +488,20 @@ class Engine:
             for request in group:
                 request.draft_len = request.num_tokens - 1 - request.draft_offset
 
-    def _missing_after_anchor(self, request: Request) -> int:
-        """What ``_draft_missing`` will be once ``_catch_up_draft`` has placed the window."""
-        if request.draft_len == 0 and self.config.draft_window > 0:
-            return min(request.num_tokens - 1, self.config.draft_window)
-        return self._draft_missing(request)
+    def _draft_anchor(self, request: Request) -> int:
+        """Where the row's draft slot starts: fixed once it holds anything; for an empty slot,
+        the window ends at the row's present (its first catch-up), not at its prompt."""
+        window = self.config.draft_window
+        if request.draft_len == 0 and window > 0:
+            return max(0, request.num_tokens - 1 - window)
+        return request.draft_offset
 
     @staticmethod
-    def _draft_missing(request: Request) -> int:
-        """Tokens before the last one that the row's draft slot has not seen."""
-        return request.num_tokens - 1 - request.draft_offset - request.draft_len
+    def _draft_missing(request: Request, offset: int | None = None) -> int:
+        """Tokens before the last one that the row's draft slot (starting at ``offset``,
+        by default where it starts now) has not seen."""
+        start = request.draft_offset if offset is None else offset
+        return request.num_tokens - 1 - start - request.draft_len
 
     def _round(self, batch: list[Request]) -> list[RequestOutput]:
         device = self.target.device

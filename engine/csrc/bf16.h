@@ -1,4 +1,5 @@
-/* Scalar bf16 <-> fp32 conversions and the 8-lane horizontal sum shared by the CPU kernels.
+/* Scalar bf16 <-> fp32 conversions, operand access and the 8-lane horizontal sum shared by the
+ * CPU kernels.
  * Each kernel's batch invariance relies on hsum adding the lanes in this one fixed order. */
 #ifndef SPECSERVE_BF16_H
 #define SPECSERVE_BF16_H
@@ -19,6 +20,23 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     memcpy(&u, &f, sizeof u);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* Element i of a kernel operand that is bf16 or fp32 by the call's bf16_io flag. */
+static inline float load_io(const void *p, int64_t i, int bf16_io) {
+    return bf16_io ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_io(void *p, int64_t i, float v, int bf16_io) {
+    if (bf16_io) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* y[at] = v (+ bias[j]): the epilogue every linear kernel ends with. */
+static inline void store_output(void *y, int64_t at, float v, const void *bias, int64_t j,
+                                int bf16_io) {
+    if (bias) v += load_io(bias, j, bf16_io);
+    store_io(y, at, v, bf16_io);
 }
 
 static inline float hsum(__m256 v) {

@@ -148,9 +148,7 @@ int specserve_linear_bf16(const void *x, const uint16_t *w, const void *bias, vo
             for (int64_t j = 0; j < ldx; j++) {
                 const int64_t lane = j & 15, i = (p + m) * K;
                 const int64_t src = (j - lane) + (lane < 8 ? 2 * lane : 2 * (lane - 8) + 1);
-                xp[m * ldx + j] = src >= K   ? 0.0f
-                                  : bf16_io ? bf16_to_f32(((const uint16_t *)x)[i + src])
-                                            : ((const float *)x)[i + src];
+                xp[m * ldx + j] = src >= K ? 0.0f : load_io(x, i + src, bf16_io);
             }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; b++) {
@@ -159,13 +157,8 @@ int specserve_linear_bf16(const void *x, const uint16_t *w, const void *bias, vo
             row_block(xp, ldx, w + n * K, out, BLOCK, mp, K, (int)rows);
             for (int64_t m = 0; m < mp; m++)
                 for (int64_t r = 0; r < rows; r++) {
-                    const int64_t j = n + r, at = (p + m) * N + j;
-                    float v = out[m * BLOCK + r];
-                    if (bias)
-                        v += bf16_io ? bf16_to_f32(((const uint16_t *)bias)[j])
-                                     : ((const float *)bias)[j];
-                    if (bf16_io) ((uint16_t *)y)[at] = f32_to_bf16(v);
-                    else ((float *)y)[at] = v;
+                    const int64_t j = n + r;
+                    store_output(y, (p + m) * N + j, out[m * BLOCK + r], bias, j, bf16_io);
                 }
         }
     }

@@ -28,13 +28,13 @@
 #define BLOCK 32
 #define PF_AHEAD 4096 /* bytes ahead in each weight row: about a tile ahead */
 
-/* Row m of x as int8 blocks xq and their scales xd (xd[b] * xq[b*32 + i] ~ x[b*32 + i]). */
-static void quantize_row(const void *x, int bf16_io, int64_t K, int8_t *xq, float *xd) {
+/* Row m of x as int8 blocks xq and their scales xd: xd[b] * xq[b*32 + i] ~ x[m*K + b*32 + i]. */
+static void quantize_row(const void *x, int bf16_io, int64_t m, int64_t K, int8_t *xq,
+                         float *xd) {
     for (int64_t b = 0; b < K / BLOCK; b++) {
         float v[BLOCK], amax = 0.0f;
         for (int i = 0; i < BLOCK; i++) {
-            const int64_t at = b * BLOCK + i;
-            v[i] = bf16_io ? bf16_to_f32(((const uint16_t *)x)[at]) : ((const float *)x)[at];
+            v[i] = load_io(x, m * K + b * BLOCK + i, bf16_io);
             const float a = fabsf(v[i]);
             if (a > amax) amax = a;
         }
@@ -89,10 +89,7 @@ int specserve_linear_int8(const void *x, const int8_t *w, const float *scale, co
         free(xd);
         return -1;
     }
-    const size_t elem = bf16_io ? 2 : 4;
-    for (int64_t m = 0; m < M; m++)
-        quantize_row((const char *)x + (size_t)(m * K) * elem, bf16_io, K, xq + m * K,
-                     xd + m * blocks);
+    for (int64_t m = 0; m < M; m++) quantize_row(x, bf16_io, m, K, xq + m * K, xd + m * blocks);
     const int64_t tiles = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
@@ -104,13 +101,9 @@ int specserve_linear_int8(const void *x, const int8_t *w, const float *scale, co
             tile(xq + m * K, xd + m * blocks, K, w + n * K, rows, mb, out);
             for (int i = 0; i < mb; i++)
                 for (int r = 0; r < rows; r++) {
-                    const int64_t j = n + r, at = (m + i) * N + j;
-                    float v = out[i * ROWS + r] * scale[j];
-                    if (bias)
-                        v += bf16_io ? bf16_to_f32(((const uint16_t *)bias)[j])
-                                     : ((const float *)bias)[j];
-                    if (bf16_io) ((uint16_t *)y)[at] = f32_to_bf16(v);
-                    else ((float *)y)[at] = v;
+                    const int64_t j = n + r;
+                    store_output(y, (m + i) * N + j, out[i * ROWS + r] * scale[j], bias, j,
+                                 bf16_io);
                 }
         }
     }
