@@ -3,6 +3,7 @@
     python -m engine.bench --per-task 2          # 12 prompts, a few minutes on a laptop CPU
     python -m engine.bench                       # all 48 prompts
     python -m engine.bench --repeats 2           # best of two alternating runs per prompt
+    python -m engine.bench --forwards            # milliseconds per model forward, by shape
 
 Prints a Markdown table (tokens/s end to end, speedup, acceptance, tokens per round) per task
 and overall, and writes the raw figures to JSON.
@@ -13,9 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ import torch
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.loader import LoadedModel, load_pair
+from engine.runner import RaggedBatch
 
 DEFAULT_PROMPTS = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "spec_bench_dev.jsonl"
@@ -121,6 +125,31 @@ def summarise(rows: list[dict], systems: list[str]) -> str:
     return "\n".join(lines)
 
 
+def forward_times(engine: Engine, context: int = 200, calls: int = 10) -> str:
+    """Median milliseconds of one target and one draft forward per shape, ``context`` tokens
+    into slot 0 (the shapes a batch-1 round and a 4-row round run)."""
+    runners = [("target", engine.target)]
+    if engine.proposer is not None:
+        runners.append(("draft", engine.proposer.runner))
+    shapes = [(1, 1), (1, 4), (4, 1)]  # (rows, tokens per row)
+    lines = ["| model | " + " | ".join(f"{r} row x {t} tok" for r, t in shapes) + " |"]
+    lines.append("|---" * (len(shapes) + 1) + "|")
+    for name, runner in runners:
+        cells = []
+        for rows, tokens in shapes:
+            batch = RaggedBatch(
+                [[1] * tokens] * rows, list(range(rows)), [context] * rows, [tokens] * rows
+            )
+            times = []
+            for _ in range(calls + 2):
+                start = time.perf_counter()
+                runner.forward(batch, "last")
+                times.append(time.perf_counter() - start)
+            cells.append(f"{statistics.median(times[2:]) * 1000:.1f} ms")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specserve bench", description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
@@ -133,6 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-window", type=int, default=256)
     parser.add_argument("--prompt-lookup", type=int, default=3, help="0 = off")
     parser.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--fused-decoder",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="our layer loop for Llama-family models (else transformers' modules)",
+    )
+    parser.add_argument(
+        "--forwards", action="store_true", help="only time single forwards per shape and exit"
+    )
     parser.add_argument("--target", default=None)
     parser.add_argument("--draft", default=None)
     parser.add_argument("--dtype", default="auto")
@@ -153,13 +191,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the benchmark needs a draft model")
     prompts = load_prompts(args.prompts, args.per_task)
     max_len = max(len(chat_ids(target, p)) for _, p in prompts) + args.max_tokens + 8
-    config = EngineConfig(gamma=0, max_slots=1, max_len=max_len, cpu_kernels=args.cpu_kernels)
+    config = EngineConfig(
+        gamma=0,
+        max_slots=1,
+        max_len=max_len,
+        cpu_kernels=args.cpu_kernels,
+        fused_decoder=args.fused_decoder,
+    )
+    if args.forwards:
+        timing = replace(
+            config,
+            gamma=args.gamma,
+            max_slots=4,
+            max_len=max(max_len, 256),
+            draft_int8=args.draft_int8,
+        )
+        print(forward_times(Engine(target.model, draft.model, timing, target.tokenizer)))
+        return 0
     baseline = Engine(target.model, None, config, target.tokenizer)
     spec_config = EngineConfig(
         gamma=args.gamma,
         max_slots=1,
         max_len=max_len,
         cpu_kernels=args.cpu_kernels,
+        fused_decoder=args.fused_decoder,
         draft_vocab=args.draft_vocab,
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,

@@ -23,6 +23,9 @@ class EngineConfig:
     # int8-quantised activations (half the bytes of bf16 and 4x the products per instruction;
     # proposals may shift slightly, the output cannot).
     draft_int8: bool = True
+    # With the CPU kernels: Llama/Qwen2/Qwen3 run our own layer loop (engine/fused_decoder.py)
+    # instead of transformers' modules; same weights, same numbers, a fraction of the glue.
+    fused_decoder: bool = True
     # Draft LM head restricted to the first N token ids (byte-level BPE ids follow merge order,
     # i.e. frequency), plus the special tokens at the end of the vocabulary. 0 = full head.
     # Lossless either way: the target verifies against its full distribution.

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +33,10 @@ from torch import nn
 log = logging.getLogger("specserve.cpu_linear")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = (_CSRC / "linear_bf16.c", _CSRC / "linear_int8.c", _CSRC / "attention_bf16.c")
+_SOURCES = tuple(
+    _CSRC / name
+    for name in ("linear_bf16.c", "linear_int8.c", "attention_bf16.c", "decoder_bf16.c")
+)
 # Explicit ISA flags rather than -march=native: the cache key then fully describes the binary,
 # so a cache directory shared between machines never serves code a CPU cannot run.
 _CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -145,9 +148,11 @@ def _load() -> ctypes.CDLL | None:
                 ctypes.c_int,
             ]  # fmt: skip
             _self_check(lib)
-            from engine import cpu_attention  # the attention kernel ships in the same library
+            # The attention and decoder kernels ship in the same library.
+            from engine import cpu_attention, fused_decoder
 
             cpu_attention.bind(lib)
+            fused_decoder.bind(lib)
         except Exception as exc:  # any failure here must degrade to torch, never crash
             log.warning("CPU bf16 kernels unavailable, using torch: %s", exc)
             return None
@@ -361,6 +366,55 @@ class Int8Linear(FastLinear):
             if y is not None:
                 return y
         return linear(x, self.weight, self.bias)
+
+
+def concatenate(modules: Sequence[nn.Linear]) -> nn.Linear | None:
+    """One linear whose output is ``modules``' outputs side by side (for linears sharing an
+    input: a layer's q/k/v or gate/up projections), or None when they are of different kinds.
+
+    One call instead of several saves the per-call overhead and the ramp-up of streaming a
+    small matrix, which dominate a 0.5B draft step's narrowest layers. The originals' weights
+    (and int8 copies) become views into the new ones: nothing is duplicated, and the originals
+    keep computing the same thing.
+    """
+    kind = type(modules[0])
+    if kind not in (nn.Linear, FastLinear, Int8Linear) or any(type(m) is not kind for m in modules):
+        return None
+    weight = torch.cat([m.weight.detach() for m in modules])
+    bias = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat(
+            [
+                m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features)
+                for m in modules
+            ]
+        )
+    base = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(base)
+    base.in_features = modules[0].in_features
+    base.out_features = weight.shape[0]
+    base.weight = nn.Parameter(weight, requires_grad=False)
+    base.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    fused: nn.Linear = base
+    if kind is FastLinear:
+        fused = FastLinear(base)
+    elif kind is Int8Linear:
+        fused = Int8Linear.__new__(Int8Linear)
+        FastLinear.__init__(fused, base)
+        fused.register_buffer("qweight", torch.cat([m.qweight for m in modules]), persistent=False)
+        fused.register_buffer("scale", torch.cat([m.scale for m in modules]), persistent=False)
+    start = 0
+    for module in modules:
+        rows = slice(start, start + module.out_features)
+        grad = module.weight.requires_grad
+        module.weight = nn.Parameter(fused.weight[rows], requires_grad=grad)
+        if module.bias is not None:
+            module.bias = nn.Parameter(fused.bias[rows], requires_grad=module.bias.requires_grad)
+        if kind is Int8Linear:
+            module.qweight = fused.qweight[rows]
+            module.scale = fused.scale[rows]
+        start += module.out_features
+    return fused
 
 
 def _eligible(module: nn.Module) -> bool:

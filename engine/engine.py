@@ -159,7 +159,8 @@ class Engine:
             use_cpu_kernels(target, eager_attention=True)
             if draft is not None:
                 use_cpu_kernels(draft, eager_attention=False, int8=config.draft_int8)
-        self.target = ModelRunner(target, config.max_slots, capacity)
+        fused = config.cpu_kernels and config.fused_decoder
+        self.target = ModelRunner(target, config.max_slots, capacity, fused=fused)
         if target.config._attn_implementation in ("eager", cpu_attention.NAME):
             # Batch-invariant attention scores each query alone, several times slower than
             # SDPA over a long prompt; target-only and speculative decoding share the same
@@ -169,7 +170,7 @@ class Engine:
         self.processor = OutputProcessor(tokenizer, _eos_ids(target, tokenizer))
         self.proposer: DraftProposer | None = None
         if draft is not None and self.gamma > 0:
-            runner = ModelRunner(draft, config.max_slots, capacity)
+            runner = ModelRunner(draft, config.max_slots, capacity, fused=fused)
             special = set(self.processor.eos_token_ids)
             if tokenizer is not None:
                 special |= set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)

@@ -6,6 +6,7 @@ import torch
 from transformers import PreTrainedModel
 
 from engine.cpu_linear import prompt_gemm
+from engine.fused_decoder import FusedDecoder
 from engine.kv_cache import SlotKVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox")
@@ -38,7 +39,9 @@ def max_context(model: PreTrainedModel) -> int | None:
 class ModelRunner:
     """Drives a transformers causal LM over ragged batches on its own slot cache."""
 
-    def __init__(self, model: PreTrainedModel, num_slots: int, capacity: int) -> None:
+    def __init__(
+        self, model: PreTrainedModel, num_slots: int, capacity: int, fused: bool = True
+    ) -> None:
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedArchitectureError(
@@ -55,6 +58,8 @@ class ModelRunner:
         self.capacity = capacity
         self.max_position = max_context(model)
         self.cache = SlotKVCache(num_slots, capacity, self.device)
+        # Our own forward where the model family and dtype allow (same weights, less glue).
+        self.fused = FusedDecoder.build(model) if fused else None
         self.mask_min = torch.finfo(self.dtype).min
         # Attention for prompt prefill when it should differ from decoding's (see Engine).
         self.prefill_attention: str | None = None
@@ -114,13 +119,16 @@ class ModelRunner:
         if batch.slots == list(range(batch.slots[0], batch.slots[0] + rows)):
             contiguous = batch.slots[0]
         self.cache.plan(write_slot, write_pos, slots, read_len, contiguous)
-        hidden = self.body(
-            input_ids=input_ids,
-            attention_mask=mask[:, None],
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-        ).last_hidden_state
+        if self.fused is not None:
+            hidden = self.fused(input_ids, mask[:, None], position_ids, self.cache)
+        else:
+            hidden = self.body(
+                input_ids=input_ids,
+                attention_mask=mask[:, None],
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+            ).last_hidden_state
         if output == "all":
             return self.lm_head(hidden).float()
         if output == "hidden":

@@ -1,0 +1,230 @@
+"""A hand-written forward for Llama-family decoders (Llama, Qwen2, Qwen3) in bf16 on CPU.
+
+Driving transformers' modules costs ~50 operator dispatches and a dozen module calls per layer
+beyond the matrix products; on this class of CPU that is a third of a 0.5B draft step and an
+eighth of a 1.5B verify. This forward keeps the models' own weights, linear layers (so the CPU
+kernels patched into them still run), rotary table, attention interface and our slot cache, and
+replaces only the glue: residual add + RMSNorm, rotary embedding and SiLU-gating each become one
+kernel call (``engine/csrc/decoder_bf16.c``, rounded like the modules they replace).
+
+Both engines of a comparison (target-only and speculative) run the same forward, and every step
+in it treats each token alone, so greedy speculation stays token-identical to plain decoding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+import weakref
+
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from engine.cpu_linear import concatenate
+
+log = logging.getLogger("specserve.fused_decoder")
+
+MODEL_TYPES = ("llama", "qwen2", "qwen3")
+_norm: ctypes._CFuncPtr | None = None
+_rope: ctypes._CFuncPtr | None = None
+_silu_mul: ctypes._CFuncPtr | None = None
+
+
+def bind(lib: ctypes.CDLL) -> None:
+    """Binds the kernels from the freshly loaded CPU library (a failure only disables this
+    forward)."""
+    global _norm, _rope, _silu_mul
+    try:
+        norm = lib.specserve_add_rms_norm
+        norm.restype = ctypes.c_int
+        norm.argtypes = (
+            [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+        )
+        rope = lib.specserve_rope
+        rope.restype = ctypes.c_int
+        rope.argtypes = (
+            [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+            + [ctypes.c_int64] * 3
+            + [ctypes.c_int]
+        )  # fmt: skip
+        silu_mul = lib.specserve_silu_mul
+        silu_mul.restype = ctypes.c_int
+        silu_mul.argtypes = (
+            [ctypes.c_void_p] * 2
+            + [ctypes.c_int64, ctypes.c_void_p]
+            + [ctypes.c_int64] * 2
+            + [ctypes.c_int]
+        )  # fmt: skip
+    except AttributeError as exc:
+        log.warning("fused decoder kernels unavailable: %s", exc)
+        return
+    _norm, _rope, _silu_mul = norm, rope, silu_mul
+
+
+def available() -> bool:
+    from engine import cpu_linear
+
+    cpu_linear.available()  # loads the library, which binds these kernels
+    return _norm is not None
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, out: torch.Tensor
+) -> torch.Tensor:
+    """``x += delta`` in place (when given), then ``out = RMSNorm(x) * weight``; all bf16,
+    contiguous, normalised over the last dimension."""
+    assert _norm is not None
+    dim = x.shape[-1]
+    _norm(
+        x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+        out.data_ptr(), x.numel() // dim, dim, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rotary embedding in place on ``x`` [B, T, heads * head_dim], a view whose tokens are
+    evenly strided and each token's heads contiguous; ``cos``/``sin`` [B, T, head_dim]."""
+    assert _rope is not None
+    tokens = x.shape[0] * x.shape[1]
+    _rope(
+        x.data_ptr(), x.stride(1), cos.data_ptr(), sin.data_ptr(), tokens,
+        x.shape[2] // head_dim, head_dim, torch.get_num_threads(),
+    )  # fmt: skip
+    return x
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` where ``gate_up`` [..., 2 * I] holds gate then up (contiguous)."""
+    assert _silu_mul is not None
+    width = gate_up.shape[-1] // 2
+    out = gate_up.new_empty((*gate_up.shape[:-1], width))
+    _silu_mul(
+        gate_up.data_ptr(), gate_up[..., width:].data_ptr(), 2 * width, out.data_ptr(),
+        gate_up.numel() // (2 * width), width, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def _eps(norm: torch.nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def _refusal(model: PreTrainedModel) -> str | None:
+    """Why this forward cannot run ``model`` (None: it can)."""
+    config = model.config
+    parameter = next(model.parameters())
+    if config.model_type not in MODEL_TYPES:
+        return f"model type {config.model_type!r}"
+    if parameter.dtype != torch.bfloat16 or parameter.device.type != "cpu":
+        return "not bf16 on CPU"
+    if not available():
+        return "kernels unavailable"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"activation {getattr(config, 'hidden_act', None)!r}"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "sliding-window layers"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp"
+    body = model.base_model
+    head_dim = body.layers[0].self_attn.head_dim
+    if head_dim % 2:
+        return "odd head dim"
+    return None
+
+
+# Fused projections per first member module, so that two runners over one model (a draft that
+# is the target, tests) share them rather than concatenating twice.
+_fused: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
+def _concatenated(modules: list[torch.nn.Module]) -> torch.nn.Module | None:
+    fused = _fused.get(modules[0])
+    if fused is None:
+        fused = concatenate(modules)
+        if fused is not None:
+            _fused[modules[0]] = fused
+    return fused
+
+
+class FusedDecoder:
+    """``forward(input_ids, mask, position_ids, cache)`` -> final hidden states, as
+    ``model.base_model(...)`` would give them through our cache."""
+
+    def __init__(self, model: PreTrainedModel, qkv: list, gate_up: list) -> None:
+        self.body = model.base_model
+        self.config = model.config
+        self.qkv = qkv
+        self.gate_up = gate_up
+        self.qk_norm = self.config.model_type == "qwen3"
+        # "eager" is not registered with the interface: each model module has its own.
+        attention_module = sys.modules[type(self.body.layers[0].self_attn).__module__]
+        self.eager_attention = attention_module.eager_attention_forward
+
+    @classmethod
+    def build(cls, model: PreTrainedModel) -> FusedDecoder | None:
+        reason = _refusal(model)
+        qkv, gate_up = [], []
+        if reason is None:
+            for layer in model.base_model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                qkv.append(_concatenated([attn.q_proj, attn.k_proj, attn.v_proj]))
+                gate_up.append(_concatenated([mlp.gate_proj, mlp.up_proj]))
+            if any(m is None for m in qkv + gate_up):
+                reason = "projections of different kinds"
+        if reason is not None:
+            log.debug("fused decoder not used: %s", reason)
+            return None
+        return cls(model, qkv, gate_up)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache,
+    ) -> torch.Tensor:
+        body = self.body
+        rows, width = input_ids.shape
+        # A fresh tensor from the embedding: the residual stream, updated in place from here on.
+        x = body.embed_tokens(input_ids)
+        cos, sin = (t.contiguous() for t in body.rotary_emb(x, position_ids))
+        normed = torch.empty_like(x)
+        # Read per forward: prompt prefill swaps the implementation (see ModelRunner.prefill).
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, self.eager_attention
+        )
+        delta: torch.Tensor | None = None
+        for layer, qkv, gate_up in zip(body.layers, self.qkv, self.gate_up, strict=True):
+            attn = layer.self_attn
+            head_dim = attn.head_dim
+            norm = layer.input_layernorm
+            add_rms_norm(x, delta, norm.weight, _eps(norm), normed)
+            sizes = [attn.q_proj.out_features, attn.k_proj.out_features]
+            sizes.append(qkv.out_features - sum(sizes))
+            query, key, value = qkv.forward(normed).split(sizes, dim=-1)
+            if self.qk_norm:
+                query, key = query.contiguous(), key.contiguous()
+                # Per head: rows of head_dim.
+                heads = query.view(-1, head_dim)
+                add_rms_norm(heads, None, attn.q_norm.weight, _eps(attn.q_norm), heads)
+                heads = key.view(-1, head_dim)
+                add_rms_norm(heads, None, attn.k_norm.weight, _eps(attn.k_norm), heads)
+            rope_(query, cos, sin, head_dim)
+            rope_(key, cos, sin, head_dim)
+            query = query.view(rows, width, -1, head_dim).transpose(1, 2)
+            key = key.view(rows, width, -1, head_dim).transpose(1, 2)
+            value = value.view(rows, width, -1, head_dim).transpose(1, 2)
+            key, value = cache.update(key, value, attn.layer_idx)
+            out, _ = attention(
+                attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling,
+                sliding_window=getattr(attn, "sliding_window", None),
+            )  # fmt: skip
+            delta = attn.o_proj.forward(out.reshape(rows, width, -1))
+            norm = layer.post_attention_layernorm
+            add_rms_norm(x, delta, norm.weight, _eps(norm), normed)
+            delta = layer.mlp.down_proj.forward(silu_mul(gate_up.forward(normed)))
+        add_rms_norm(x, delta, body.norm.weight, _eps(body.norm), normed)
+        return normed

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import re
+
+from engine.bench import forward_times
+from engine.config import EngineConfig
+from engine.engine import Engine
+from tests.engine.conftest import tiny_model
+
+
+def test_forward_times_reports_each_model_and_shape() -> None:
+    target, draft = tiny_model("qwen2"), tiny_model("qwen2", seed=1, layers=1)
+    engine = Engine(target, draft, EngineConfig(gamma=3, max_slots=4, max_len=64))
+    table = forward_times(engine, context=20, calls=2).splitlines()
+    assert table[0].startswith("| model | 1 row x 1 tok | 1 row x 4 tok | 4 row x 1 tok")
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["target", "draft"]
+    for line in table[2:]:
+        times = [float(ms) for ms in re.findall(r"([\d.]+) ms", line)]
+        assert len(times) == 3 and all(t > 0 for t in times)
+    without_draft = Engine(target, None, EngineConfig(gamma=0, max_slots=4, max_len=64))
+    assert len(forward_times(without_draft, context=20, calls=1).splitlines()) == 3
