@@ -43,6 +43,9 @@ class EngineConfig:
     # per second than the draft model. 0 = off. With no draft model and gamma > 0 it is the
     # only proposer.
     prompt_lookup: int = 0
+    # A new request goes to the free slot whose target K/V (left by its previous request) shares
+    # the longest prefix with its prompt, and computes only the rest (engine/scheduler.py).
+    prefix_cache: bool = True
     # Prompt tokens admitted per step (at least one request; 0 = every free slot at once).
     # Decode rounds of running requests go on between admissions.
     prefill_budget: int = 1024

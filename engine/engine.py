@@ -179,7 +179,7 @@ class Engine:
                 self.vocab_size,
                 draft_vocab_subset(config.draft_vocab, self.vocab_size, special),
             )
-        self.scheduler = Scheduler(config.max_slots)
+        self.scheduler = Scheduler(config.max_slots, reuse_prefixes=config.prefix_cache)
         self.stats = EngineStats()
         self.on_round: Callable[[RoundRecord], None] | None = None
         self.costs: CostModel | None = None
@@ -323,7 +323,6 @@ class Engine:
     def _prefill(self, requests: list[Request]) -> None:
         """Fills both slot caches with every prompt token but the last, which the first round
         feeds (so prefill and decode share one invariant: the last token is always pending)."""
-        rows = [r for r in requests if r.num_tokens > 1]
         for request in requests:
             request.stats.arrival_time = min(request.stats.arrival_time, time.monotonic())
             self.stats.prompt_tokens += len(request.prompt_token_ids)
@@ -336,17 +335,25 @@ class Engine:
                     self.config.prompt_lookup, min(2, self.config.prompt_lookup)
                 )
                 request.lookup.extend(request.prompt_token_ids)
-        for request in rows:
-            request.target_len = request.num_tokens - 1
-        for group in padding_groups(rows, lambda r: r.num_tokens - 1):
+        rows = []
+        for request in requests:
+            if request.num_tokens - 1 > request.cached_len:
+                rows.append(request)
+            else:  # nothing to compute: the slot already holds it all
+                request.target_len = request.num_tokens - 1
+        for group in padding_groups(rows, lambda r: r.num_tokens - 1 - r.cached_len):
             self._prefill_group(group)
+            # Only now: a slot released after a failed prefill must not claim K/V it lacks.
+            for request in group:
+                request.target_len = request.num_tokens - 1
 
     def _prefill_group(self, rows: list[Request]) -> None:
+        # Each row computes its prompt from where the K/V already in its slot ends.
         batch = RaggedBatch(
-            [r.prompt_token_ids[:-1] for r in rows],
+            [r.prompt_token_ids[r.cached_len : -1] for r in rows],
             [r.slot for r in rows],
-            [0] * len(rows),
-            [r.num_tokens - 1 for r in rows],
+            [r.cached_len for r in rows],
+            [r.num_tokens - 1 - r.cached_len for r in rows],
         )
         wants_logprobs = any(r.prompt_logprobs_pending for r in rows)
         hidden = self.target.prefill(batch, output="hidden" if wants_logprobs else "none")

@@ -13,6 +13,7 @@ in it treats each token alone, so greedy speculation stays token-identical to pl
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import sys
@@ -149,6 +150,15 @@ def _concatenated(modules: list[torch.nn.Module]) -> torch.nn.Module | None:
     return fused
 
 
+def _return_freed_memory() -> None:
+    """Hands the separate projections' freed int8 copies back to the OS: glibc keeps freed
+    blocks of their size in its heap (~0.4 GB on the default pair). The replaced bf16 weights
+    were mapped from the safetensors cache: their pages are clean and the kernel reclaims them
+    when memory runs short."""
+    with contextlib.suppress(AttributeError, OSError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 class FusedDecoder:
     """``forward(input_ids, mask, position_ids, cache)`` -> final hidden states, as
     ``model.base_model(...)`` would give them through our cache."""
@@ -177,6 +187,7 @@ class FusedDecoder:
         if reason is not None:
             log.debug("fused decoder not used: %s", reason)
             return None
+        _return_freed_memory()
         return cls(model, qkv, gate_up)
 
     def __call__(

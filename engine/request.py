@@ -30,6 +30,7 @@ class RequestStats:
     drafted: int = 0  # draft tokens proposed for it
     accepted: int = 0  # draft tokens the target accepted
     generated: int = 0  # tokens emitted
+    cached_tokens: int = 0  # prompt tokens whose K/V a previous request left in the slot
     # acceptance_histogram[k] = rounds in which exactly k draft tokens were accepted
     acceptance_histogram: list[int] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
@@ -84,6 +85,7 @@ class Request:
     slot: int = -1
     output_token_ids: list[int] = field(default_factory=list)
     target_len: int = 0  # tokens whose K/V is valid in the target slot
+    cached_len: int = 0  # of those, at admission: left in the slot by its previous request
     draft_len: int = 0  # tokens whose K/V is valid in the draft slot
     draft_offset: int = 0  # the draft slot holds token_ids[draft_offset:] (a context window)
     emitted_text_len: int = 0  # characters of the completion already handed out

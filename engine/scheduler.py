@@ -5,14 +5,38 @@ from collections import deque
 from engine.request import Request, Status
 
 
-class Scheduler:
-    """Owns slot assignment: FIFO admission into free slots, release on finish or abort."""
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case for a follow-up turn: one C-level comparison
+        return n
+    low, high = 0, n  # a[:low] == b[:low] and a[:high] != b[:high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
 
-    def __init__(self, max_slots: int) -> None:
+
+class Scheduler:
+    """Owns slot assignment: FIFO admission into free slots, release on finish or abort.
+
+    With ``reuse_prefixes``, a free slot remembers which tokens its target K/V still holds (its
+    last request's prompt and output), and a new request goes to the free slot sharing the
+    longest prefix with its prompt: those positions are not computed again. A chat's next turn
+    (the previous turn's prompt and answer, then a new message) or prompts sharing a system
+    prompt skip most of their prefill.
+    """
+
+    def __init__(self, max_slots: int, reuse_prefixes: bool = False) -> None:
         self.max_slots = max_slots
+        self.reuse_prefixes = reuse_prefixes
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self._free = list(range(max_slots))
+        self._resident: dict[int, list[int]] = {}  # free slot -> tokens its target K/V holds
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -26,14 +50,29 @@ class Scheduler:
         tokens = 0
         while self.waiting and self._free and not (token_budget and tokens >= token_budget):
             request = self.waiting.popleft()
-            # Lowest free slot first keeps busy slots packed, so a batch is often one view.
-            self._free.sort()
-            request.slot = self._free.pop(0)
+            request.slot, request.cached_len = self._pick_slot(request)
+            self._free.remove(request.slot)
+            self._resident.pop(request.slot, None)
+            request.stats.cached_tokens = request.cached_len
             request.status = Status.RUNNING
             self.running[request.slot] = request
             admitted.append(request)
             tokens += len(request.prompt_token_ids)
         return admitted
+
+    def _pick_slot(self, request: Request) -> tuple[int, int]:
+        """The free slot for ``request`` and how many of its prompt tokens that slot already
+        holds. The prompt's last token is always left to compute (the first round feeds it)."""
+        # Lowest free slot first keeps busy slots packed, so a batch is often one view.
+        best_slot, best_len = min(self._free), 0
+        if not self.reuse_prefixes or request.prompt_logprobs_pending:
+            return best_slot, 0  # prompt logprobs need every prompt position computed
+        prompt = request.prompt_token_ids[:-1]
+        for slot in sorted(self._free):
+            shared = common_prefix(self._resident.get(slot, []), prompt)
+            if shared > best_len:
+                best_slot, best_len = slot, shared
+        return best_slot, best_len
 
     def batch(self) -> list[Request]:
         return [self.running[slot] for slot in sorted(self.running)]
@@ -42,6 +81,8 @@ class Scheduler:
         if request.status is Status.RUNNING:
             del self.running[request.slot]
             self._free.append(request.slot)
+            if self.reuse_prefixes:
+                self._resident[request.slot] = request.token_ids[: request.target_len]
         request.status = Status.FINISHED
         request.slot = -1
 

@@ -100,6 +100,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="with the CPU kernels, draft decode steps use int8 weights (default on)",
     )
     group.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=_env("PREFIX_CACHE", "1") != "0",
+        help="a request reuses the K/V of the longest prefix of its prompt that a free slot "
+        "still holds (a chat's earlier turns; default on)",
+    )
+    group.add_argument(
         "--threads",
         type=int,
         default=_env_int("THREADS", 0),
@@ -127,6 +134,7 @@ def build_engine(args: argparse.Namespace):
         num_threads=args.threads or None,
         cpu_kernels=args.cpu_kernels,
         draft_int8=args.draft_int8,
+        prefix_cache=args.prefix_cache,
         draft_vocab=args.draft_vocab,
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,

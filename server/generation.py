@@ -105,13 +105,19 @@ async def collect(request: Request, stream: RequestStream, choices: list[Choice]
     return True
 
 
-def usage(choices: list[Choice], prompts: list[Prompt]) -> dict[str, int]:
+def usage(choices: list[Choice], prompts: list[Prompt]) -> dict:
     prompt_tokens = sum(len(p.ids) for p in prompts)  # once per prompt, however many choices
     completion_tokens = sum(c.num_generated for c in choices)
+    # Prompt tokens whose K/V a slot already held (OpenAI's field), again once per prompt.
+    cached: dict[int, int] = {}
+    for choice in choices:
+        held = choice.stats.cached_tokens if choice.stats is not None else 0
+        cached[id(choice.prompt)] = max(cached.get(id(choice.prompt), 0), held)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
     }
 
 

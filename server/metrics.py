@@ -70,6 +70,10 @@ class ServerMetrics:
         self.prompt_tokens = Counter(
             name("prompt_tokens"), "Prompt tokens of admitted requests.", registry=reg
         )
+        self.prompt_tokens_cached = Counter(
+            name("prompt_tokens_cached"),
+            "Prompt tokens whose K/V a request found in its slot (prefix cache).", registry=reg,
+        )  # fmt: skip
         self.generation_tokens = Counter(
             name("generation_tokens"), "Generated tokens handed to clients.", registry=reg
         )
@@ -161,6 +165,7 @@ class ServerMetrics:
             if timing.first_token is None:
                 timing.first_token = now
                 self.ttft.observe(now - timing.arrival)
+                self.prompt_tokens_cached.inc(output.stats.cached_tokens)
                 gap = 0.0  # the first round's extra tokens reach the client with the first
                 count -= 1
             else:

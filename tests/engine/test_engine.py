@@ -545,3 +545,41 @@ def test_prefill_budget_interleaves_admission_with_decoding() -> None:
         for out in eng.step():
             results[out.request_id] += out.new_token_ids
     assert [results[i] for i in ids] == hf_greedy("qwen2")
+
+
+@pytest.mark.parametrize("draft_kind", ["none", "unrelated"])
+def test_a_follow_up_turn_computes_only_what_its_slot_does_not_hold(draft_kind: str) -> None:
+    target, unrelated = models("qwen2")
+    draft = None if draft_kind == "none" else unrelated
+    gamma = 0 if draft is None else 3
+    config = EngineConfig(gamma=gamma, max_slots=2, max_len=128, prompt_lookup=0)
+    cached = Engine(target, draft, config)
+    fresh = Engine(target, draft, replace(config, prefix_cache=False))
+    computed: list[int] = []
+    prefill = cached.target.prefill
+    cached.target.prefill = lambda batch, output="none": (  # type: ignore[method-assign]
+        computed.extend(batch.num_new) or prefill(batch, output)
+    )
+    first_prompt = PROMPTS[2]
+    (first,) = cached.generate([first_prompt], GREEDY)
+    assert first.stats.cached_tokens == 0 and computed == [len(first_prompt) - 1]
+    # The next turn: the whole conversation so far, then a new message.
+    follow_up = first_prompt + first.token_ids + [30, 31, 32]
+    computed.clear()
+    (second,) = cached.generate([follow_up], GREEDY)
+    held = len(first_prompt) + NEW_TOKENS - 1  # the last output token was never fed
+    assert second.stats.cached_tokens == held
+    assert computed == [len(follow_up) - 1 - held]
+    fresh.generate([first_prompt], GREEDY)
+    (want,) = fresh.generate([follow_up], GREEDY)
+    assert want.stats.cached_tokens == 0
+    assert second.token_ids == want.token_ids
+    # The reused K/V is what computing the conversation afresh writes.
+    slot, length = 0, len(follow_up) - 1
+    for layer in range(len(cached.target.cache.keys)):
+        torch.testing.assert_close(
+            cached.target.cache.slot_keys(layer, slot, length),
+            fresh.target.cache.slot_keys(layer, slot, length),
+            rtol=1e-4,
+            atol=1e-4,
+        )

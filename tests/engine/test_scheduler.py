@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from engine.config import SamplingParams
 from engine.request import Request, Status
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, common_prefix
 
 
 def _request(name: str) -> Request:
@@ -48,3 +48,72 @@ def test_token_budget_limits_one_admission() -> None:
     assert [r.request_id for r in scheduler.admit(token_budget=600)] == ["0", "1"]
     assert [r.request_id for r in scheduler.admit(token_budget=50)] == ["2"]  # at least one
     assert [r.request_id for r in scheduler.admit(token_budget=0)] == ["3"]  # 0: no limit
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix([1, 2, 3, 4], [1, 2, 3]) == 3
+    assert common_prefix([1, 2, 9, 4], [1, 2, 3, 4]) == 2
+    assert common_prefix([5] * 100 + [1], [5] * 100 + [2]) == 100
+    assert common_prefix([], [1]) == 0 and common_prefix([2], [1]) == 0
+
+
+def _prompted(name: str, prompt: list[int], **params) -> Request:
+    return Request(name, prompt, SamplingParams(**params), seed=0, gamma=0, max_new_tokens=4)
+
+
+def test_a_request_goes_to_the_free_slot_holding_the_longest_prefix_of_its_prompt() -> None:
+    scheduler = Scheduler(max_slots=3, reuse_prefixes=True)
+    first = [_prompted("a", [1, 2, 3, 4]), _prompted("b", [7, 8, 9]), _prompted("c", [1, 2])]
+    for r in first:
+        scheduler.add(r)
+    scheduler.admit()
+    assert [r.cached_len for r in first] == [0, 0, 0]  # nothing resident yet
+    for r, valid in zip(first, [6, 3, 1], strict=True):
+        r.output_token_ids = [5, 6]
+        r.target_len = valid  # the K/V its slot holds: the first `valid` tokens
+        scheduler.release(r)
+    # a's slot holds 1 2 3 4 5 6: a follow-up turn shares all of it
+    follow_up = _prompted("d", [1, 2, 3, 4, 5, 6, 10, 11])
+    other = _prompted("e", [7, 8, 1, 1])
+    unrelated = _prompted("f", [42, 43])
+    for r in (follow_up, other, unrelated):
+        scheduler.add(r)
+    scheduler.admit()
+    assert (follow_up.slot, follow_up.cached_len) == (0, 6)
+    assert (other.slot, other.cached_len) == (1, 2)
+    assert (unrelated.slot, unrelated.cached_len) == (2, 0)
+    assert follow_up.stats.cached_tokens == 6
+
+
+def test_prefix_reuse_leaves_the_last_prompt_token_and_prompt_logprobs_alone() -> None:
+    scheduler = Scheduler(max_slots=1, reuse_prefixes=True)
+    first = _prompted("a", [1, 2, 3])
+    scheduler.add(first)
+    scheduler.admit()
+    first.output_token_ids, first.target_len = [4], 4
+    scheduler.release(first)
+    same = _prompted("b", [1, 2, 3, 4])
+    scheduler.add(same)
+    scheduler.admit()
+    assert same.cached_len == 3  # the last token is fed by the first round, never cached
+    same.target_len = 4
+    scheduler.release(same)
+    wants_logprobs = _prompted("c", [1, 2, 3, 4], prompt_logprobs=1)
+    wants_logprobs.prompt_logprobs_pending = True
+    scheduler.add(wants_logprobs)
+    scheduler.admit()
+    assert wants_logprobs.cached_len == 0  # needs every prompt position's logits
+
+
+def test_without_prefix_reuse_nothing_is_cached() -> None:
+    scheduler = Scheduler(max_slots=1)
+    first = _prompted("a", [1, 2, 3])
+    scheduler.add(first)
+    scheduler.admit()
+    first.target_len = 3
+    scheduler.release(first)
+    again = _prompted("b", [1, 2, 3, 4])
+    scheduler.add(again)
+    scheduler.admit()
+    assert again.cached_len == 0

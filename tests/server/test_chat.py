@@ -72,7 +72,9 @@ def test_content_parts_and_max_tokens_alias(server: RunningServer) -> None:
         model=MODEL, messages=joined, max_completion_tokens=5, **GREEDY
     )
     assert a.choices[0].message.content == b.choices[0].message.content
-    assert a.usage == b.usage and a.usage.completion_tokens == 5
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    assert a.usage.completion_tokens == b.usage.completion_tokens == 5
+    assert b.usage.prompt_tokens_details.cached_tokens == b.usage.prompt_tokens - 1  # same prompt
 
 
 def test_chat_logprobs(server: RunningServer) -> None:
@@ -93,3 +95,25 @@ def test_chat_default_max_tokens_fills_the_context(server: RunningServer) -> Non
     result = server.client().chat.completions.create(model=MODEL, messages=long_message, **GREEDY)
     assert result.usage.total_tokens == 256
     assert result.choices[0].finish_reason == "length"
+
+
+def test_a_follow_up_turn_reuses_the_conversation_held_in_a_slot(
+    server: RunningServer, reference: Engine
+) -> None:
+    client = server.client()
+    first = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, **GREEDY)
+    conversation = [
+        *MESSAGES,
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "and once more"},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=conversation, max_tokens=12, **GREEDY
+    )
+    first_ids, ids = template_ids(reference, MESSAGES), template_ids(reference, conversation)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # The whole first turn's prompt (up to how its last token joins the answer) was in a slot.
+    assert len(first_ids) - 2 <= cached < len(ids)
+    assert second.usage.prompt_tokens == len(ids)
+    expected = reference_run(reference, ids, max_tokens=12, temperature=0, ignore_eos=True)
+    assert second.choices[0].message.content == expected.text

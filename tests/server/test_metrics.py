@@ -55,6 +55,8 @@ def test_counters_follow_a_request(server: RunningServer) -> None:
     assert delta("request_success_total", finished_reason="length") == 1
     assert delta("request_success_total", finished_reason="stop") == 0
     assert delta("prompt_tokens_total") == usage["prompt_tokens"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert delta("prompt_tokens_cached_total") == cached
     assert delta("generation_tokens_total") == usage["completion_tokens"] == 30
     assert delta("spec_decode_num_drafts_total") == spec["num_spec_steps"]
     assert delta("spec_decode_num_draft_tokens_total") == spec["num_draft_tokens"]
