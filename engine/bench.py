@@ -191,12 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the benchmark needs a draft model")
     prompts = load_prompts(args.prompts, args.per_task)
     max_len = max(len(chat_ids(target, p)) for _, p in prompts) + args.max_tokens + 8
+    # Cold prompts: with the prefix cache a repeat (or the next prompt's shared chat header)
+    # would skip prefill, and HF's generate, the other column, caches nothing across calls.
     config = EngineConfig(
         gamma=0,
         max_slots=1,
         max_len=max_len,
         cpu_kernels=args.cpu_kernels,
         fused_decoder=args.fused_decoder,
+        prefix_cache=False,
     )
     if args.forwards:
         timing = replace(
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         max_len=max_len,
         cpu_kernels=args.cpu_kernels,
         fused_decoder=args.fused_decoder,
+        prefix_cache=False,
         draft_vocab=args.draft_vocab,
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,

@@ -46,9 +46,14 @@ def venv_tool(name: str) -> str:
 
 
 def ours(name: str, port: int, serve_args: list[str]) -> ServerSystem:
-    """Our server; ``ours-nospec`` appends ``--gamma 0``, which wins over an earlier --gamma."""
+    """Our server; ``ours-nospec`` appends ``--gamma 0``, which wins over an earlier --gamma.
+
+    Every level replays the same prompts, so a free slot would still hold an earlier level's
+    copy of a prompt and the prefix cache would skip its prefill: prompts run cold unless
+    ``serve_args`` turn the cache back on (the later flag wins).
+    """
     argv = [venv_tool("specserve"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    argv += serve_args
+    argv += ["--no-prefix-cache", *serve_args]
     if name == OURS_NOSPEC:
         argv += ["--gamma", "0"]
     # /ready turns 200 only after the engine's warm-up; /health answers from the start.
