@@ -150,6 +150,43 @@ def forward_times(engine: Engine, context: int = 200, calls: int = 10) -> str:
     return "\n".join(lines)
 
 
+def draft_agreement(
+    engine: Engine,
+    prompts: list[tuple[str, list[int]]],
+    windows: list[int],
+    max_tokens: int,
+) -> str:
+    """How often the draft's argmax equals the target's greedy token, per task and draft
+    window (0 = whole context): each prompt's target continuation is generated once, then the
+    draft, given the last ``window`` context tokens, predicts it one token at a time as its
+    decode steps would (teacher forcing: no rejection cuts a run short)."""
+    assert engine.proposer is not None
+    draft = engine.proposer.runner
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    continuations = [engine.generate([ids], params)[0].token_ids for _, ids in prompts]
+    tasks = sorted({task for task, _ in prompts})
+    lines = [
+        "| draft window | " + " | ".join(tasks) + " | overall |",
+        "|---" * (len(tasks) + 2) + "|",
+    ]
+    for window in windows:
+        hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for (task, ids), continuation in zip(prompts, continuations, strict=True):
+            context = ids[:-1][-window:] if window else ids[:-1]
+            draft.prefill(RaggedBatch([context], [0], [0], [len(context)]))
+            fed = [ids[-1], *continuation[:-1]]
+            for position, (token, target_token) in enumerate(zip(fed, continuation, strict=True)):
+                batch = RaggedBatch([[token]], [0], [len(context) + position], [1])
+                logits = draft.forward(batch, "last")
+                hits[task][0] += int(logits[0].argmax().item() == target_token)
+                hits[task][1] += 1
+        total = [sum(h[0] for h in hits.values()), sum(h[1] for h in hits.values())]
+        cells = [f"{hits[t][0] / hits[t][1]:.0%}" if hits[t][1] else "-" for t in tasks]
+        cells.append(f"{total[0] / total[1]:.0%}" if total[1] else "-")
+        lines.append(f"| {window or 'all'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specserve bench", description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
@@ -170,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--forwards", action="store_true", help="only time single forwards per shape and exit"
+    )
+    parser.add_argument(
+        "--agreement",
+        default=None,
+        help="only measure draft/target greedy agreement for these comma-separated draft "
+        "windows (0 = whole context) and exit",
     )
     parser.add_argument("--target", default=None)
     parser.add_argument("--draft", default=None)
@@ -201,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         fused_decoder=args.fused_decoder,
         prefix_cache=False,
     )
+    if args.agreement is not None:
+        windows = [int(w) for w in args.agreement.split(",")]
+        probe = replace(config, gamma=args.gamma, draft_int8=args.draft_int8)
+        engine = Engine(target.model, draft.model, probe, target.tokenizer)
+        tokenized = [(task, chat_ids(target, p)) for task, p in prompts]
+        print(draft_agreement(engine, tokenized, windows, args.max_tokens))
+        return 0
     if args.forwards:
         timing = replace(
             config,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import re
 
-from engine.bench import forward_times
+from engine.bench import draft_agreement, forward_times
 from engine.config import EngineConfig
 from engine.engine import Engine
 from tests.engine.conftest import tiny_model
@@ -19,3 +19,18 @@ def test_forward_times_reports_each_model_and_shape() -> None:
         assert len(times) == 3 and all(t > 0 for t in times)
     without_draft = Engine(target, None, EngineConfig(gamma=0, max_slots=4, max_len=64))
     assert len(forward_times(without_draft, context=20, calls=1).splitlines()) == 3
+
+
+def test_draft_agreement_is_total_for_a_draft_equal_to_the_target() -> None:
+    target, other = tiny_model("qwen2"), tiny_model("qwen2", seed=1, layers=1)
+    prompts = [("a", [5, 6, 7, 8, 9, 10]), ("b", [3, 4, 5])]
+    config = EngineConfig(gamma=3, max_slots=1, max_len=64, prefix_cache=False)
+    same = draft_agreement(Engine(target, target, config), prompts, [0, 2], max_tokens=8)
+    header, _, *rows = same.splitlines()
+    assert header == "| draft window | a | b | overall |"
+    # The whole context: the draft is the target, so it agrees everywhere.
+    assert rows[0] == "| all | 100% | 100% | 100% |"
+    assert rows[1].startswith("| 2 |")
+    unrelated = draft_agreement(Engine(target, other, config), prompts, [0], max_tokens=8)
+    overall = int(unrelated.splitlines()[2].split("|")[-2].strip().rstrip("%"))
+    assert overall < 100
