@@ -244,37 +244,28 @@ def main(argv: list[str] | None = None) -> int:
         fused_decoder=args.fused_decoder,
         prefix_cache=False,
     )
-    if args.agreement is not None:
-        windows = [int(w) for w in args.agreement.split(",")]
-        probe = replace(config, gamma=args.gamma, draft_int8=args.draft_int8)
-        engine = Engine(target.model, draft.model, probe, target.tokenizer)
-        tokenized = [(task, chat_ids(target, p)) for task, p in prompts]
-        print(draft_agreement(engine, tokenized, windows, args.max_tokens))
-        return 0
-    if args.forwards:
-        timing = replace(
-            config,
-            gamma=args.gamma,
-            max_slots=4,
-            max_len=max(max_len, 256),
-            draft_int8=args.draft_int8,
-        )
-        print(forward_times(Engine(target.model, draft.model, timing, target.tokenizer)))
-        return 0
-    baseline = Engine(target.model, None, config, target.tokenizer)
-    spec_config = EngineConfig(
+    # The speculative engine differs from the baseline only in its speculation settings.
+    spec_config = replace(
+        config,
         gamma=args.gamma,
-        max_slots=1,
-        max_len=max_len,
-        cpu_kernels=args.cpu_kernels,
-        fused_decoder=args.fused_decoder,
-        prefix_cache=False,
         draft_vocab=args.draft_vocab,
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,
         prompt_lookup=args.prompt_lookup,
         draft_int8=args.draft_int8,
     )
+    if args.agreement is not None:
+        windows = [int(w) for w in args.agreement.split(",")]
+        probe = replace(spec_config, adaptive_gamma=False)  # no use for start-up timings
+        engine = Engine(target.model, draft.model, probe, target.tokenizer)
+        tokenized = [(task, chat_ids(target, p)) for task, p in prompts]
+        print(draft_agreement(engine, tokenized, windows, args.max_tokens))
+        return 0
+    if args.forwards:
+        timing = replace(spec_config, adaptive_gamma=False, max_slots=4, max_len=max(max_len, 256))
+        print(forward_times(Engine(target.model, draft.model, timing, target.tokenizer)))
+        return 0
+    baseline = Engine(target.model, None, config, target.tokenizer)
     speculative = Engine(target.model, draft.model, spec_config, target.tokenizer)
     hf_target = hf_draft = None
     if not args.no_hf:

@@ -168,6 +168,17 @@ class FusedDecoder:
         self.config = model.config
         self.qkv = qkv
         self.gate_up = gate_up
+        # Per layer, fixed for the model's life: where the fused q/k/v output splits, and the
+        # norms' epsilons (looked up once rather than on every forward).
+        self.qkv_sizes = [
+            [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
+            for a in (layer.self_attn for layer in self.body.layers)
+        ]
+        self.eps = [
+            (_eps(layer.input_layernorm), _eps(layer.post_attention_layernorm))
+            for layer in self.body.layers
+        ]
+        self.final_eps = _eps(self.body.norm)
         self.qk_norm = self.config.model_type == "qwen3"
         # "eager" is not registered with the interface: each model module has its own.
         attention_module = sys.modules[type(self.body.layers[0].self_attn).__module__]
@@ -208,13 +219,11 @@ class FusedDecoder:
             self.config._attn_implementation, self.eager_attention
         )
         delta: torch.Tensor | None = None
-        for layer, qkv, gate_up in zip(body.layers, self.qkv, self.gate_up, strict=True):
+        layers = zip(body.layers, self.qkv, self.qkv_sizes, self.gate_up, self.eps, strict=True)
+        for layer, qkv, sizes, gate_up, (input_eps, post_eps) in layers:
             attn = layer.self_attn
             head_dim = attn.head_dim
-            norm = layer.input_layernorm
-            add_rms_norm(x, delta, norm.weight, _eps(norm), normed)
-            sizes = [attn.q_proj.out_features, attn.k_proj.out_features]
-            sizes.append(qkv.out_features - sum(sizes))
+            add_rms_norm(x, delta, layer.input_layernorm.weight, input_eps, normed)
             query, key, value = qkv.forward(normed).split(sizes, dim=-1)
             if self.qk_norm:
                 query, key = query.contiguous(), key.contiguous()
@@ -234,8 +243,7 @@ class FusedDecoder:
                 sliding_window=getattr(attn, "sliding_window", None),
             )  # fmt: skip
             delta = attn.o_proj.forward(out.reshape(rows, width, -1))
-            norm = layer.post_attention_layernorm
-            add_rms_norm(x, delta, norm.weight, _eps(norm), normed)
+            add_rms_norm(x, delta, layer.post_attention_layernorm.weight, post_eps, normed)
             delta = layer.mlp.down_proj.forward(silu_mul(gate_up.forward(normed)))
-        add_rms_norm(x, delta, body.norm.weight, _eps(body.norm), normed)
+        add_rms_norm(x, delta, body.norm.weight, self.final_eps, normed)
         return normed

@@ -85,7 +85,6 @@ class Request:
     slot: int = -1
     output_token_ids: list[int] = field(default_factory=list)
     target_len: int = 0  # tokens whose K/V is valid in the target slot
-    cached_len: int = 0  # of those, at admission: left in the slot by its previous request
     draft_len: int = 0  # tokens whose K/V is valid in the draft slot
     draft_offset: int = 0  # the draft slot holds token_ids[draft_offset:] (a context window)
     emitted_text_len: int = 0  # characters of the completion already handed out
@@ -108,6 +107,11 @@ class Request:
         if start >= prompt_len:
             return self.output_token_ids[start - prompt_len :]
         return self.prompt_token_ids[start:] + self.output_token_ids
+
+    @property
+    def cached_len(self) -> int:
+        """Prompt tokens whose K/V the slot already held at admission (the prefix cache)."""
+        return self.stats.cached_tokens
 
     @property
     def last_token(self) -> int:

@@ -50,10 +50,9 @@ class Scheduler:
         tokens = 0
         while self.waiting and self._free and not (token_budget and tokens >= token_budget):
             request = self.waiting.popleft()
-            request.slot, request.cached_len = self._pick_slot(request)
+            request.slot, request.stats.cached_tokens = self._pick_slot(request)
             self._free.remove(request.slot)
             self._resident.pop(request.slot, None)
-            request.stats.cached_tokens = request.cached_len
             request.status = Status.RUNNING
             self.running[request.slot] = request
             admitted.append(request)
