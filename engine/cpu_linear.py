@@ -108,7 +108,7 @@ def _self_check(lib: ctypes.CDLL) -> None:
         raise RuntimeError("kernel self-check gave wrong results")
     x = torch.randn(3, 64, generator=generator)
     qweight, scale = quantize_int8(torch.randn(5, 64, generator=generator).bfloat16())
-    got = _run_int8(lib, x, qweight, scale, bias[:5])
+    got = _run_int8(lib, x, pack_int8(qweight), 5, scale, bias[:5])
     want = int8_reference(x, qweight, scale, bias[:5])
     if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         raise RuntimeError("int8 kernel self-check gave wrong results")
@@ -205,6 +205,32 @@ def quantize_int8(weight: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor
 
 
 INT8_BLOCK = 32  # the int8 kernel quantises activations in blocks of this many channels
+INT8_GROUP = 4  # weight rows the int8 kernel reads as one packed stream
+
+
+def pack_int8(qweight: torch.Tensor) -> torch.Tensor:
+    """``qweight`` [N, K] in the int8 kernel's layout: rows in groups of ``INT8_GROUP`` (N padded
+    with zero rows to whole groups), each group stored block by block (``INT8_BLOCK`` columns of
+    each of its rows in turn), so one tile of the kernel streams contiguous memory.
+    Shape [padded N, K]; ``unpack_int8`` inverts it. A K the kernel cannot take (not whole
+    blocks) stays row-major."""
+    n, k = qweight.shape
+    if k % INT8_BLOCK:
+        return qweight
+    padded = -(-n // INT8_GROUP) * INT8_GROUP
+    if padded != n:
+        qweight = torch.cat([qweight, qweight.new_zeros(padded - n, k)])
+    grouped = qweight.reshape(padded // INT8_GROUP, INT8_GROUP, k // INT8_BLOCK, INT8_BLOCK)
+    return grouped.transpose(1, 2).contiguous().view(padded, k)
+
+
+def unpack_int8(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of the row-major matrix ``pack_int8`` packed."""
+    padded, k = packed.shape
+    if k % INT8_BLOCK:
+        return packed[:rows]
+    grouped = packed.view(padded // INT8_GROUP, k // INT8_BLOCK, INT8_GROUP, INT8_BLOCK)
+    return grouped.transpose(1, 2).reshape(padded, k)[:rows]
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,14 +258,16 @@ def int8_reference(
 def _run_int8(
     lib: ctypes.CDLL,
     x: torch.Tensor,
-    qweight: torch.Tensor,
+    packed: torch.Tensor,
+    n: int,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    x, bias, y = _operands(x, bias, qweight.shape[0])
-    n, k = qweight.shape
+    """``x @ W^T + bias`` where ``packed`` is ``pack_int8`` of W's ``n`` int8 rows."""
+    x, bias, y = _operands(x, bias, n)
+    k = packed.shape[1]
     status = lib.specserve_linear_int8(
-        x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+        x.data_ptr(), packed.data_ptr(), scale.data_ptr(),
         None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
         x.numel() // k, n, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
@@ -348,8 +376,14 @@ class Int8Linear(FastLinear):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
         qweight, scale = quantize_int8(linear.weight.detach())
-        self.register_buffer("qweight", qweight, persistent=False)
+        # Only the kernel's packed layout is kept; ``qweight`` unpacks it for inspection.
+        self.register_buffer("packed", pack_int8(qweight), persistent=False)
         self.register_buffer("scale", scale, persistent=False)
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The int8 weight [N, K], row-major (a copy)."""
+        return unpack_int8(self.packed, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = _lib
@@ -362,7 +396,7 @@ class Int8Linear(FastLinear):
             and 0 < x.numel() <= self.MAX_ROWS * self.in_features
             and not (torch.is_grad_enabled() and x.requires_grad)
         ):
-            y = _run_int8(lib, x, self.qweight, self.scale, self.bias)
+            y = _run_int8(lib, x, self.packed, self.out_features, self.scale, self.bias)
             if y is not None:
                 return y
         return linear(x, self.weight, self.bias)
@@ -401,7 +435,13 @@ def concatenate(modules: Sequence[nn.Linear]) -> nn.Linear | None:
     elif kind is Int8Linear:
         fused = Int8Linear.__new__(Int8Linear)
         FastLinear.__init__(fused, base)
-        fused.register_buffer("qweight", torch.cat([m.qweight for m in modules]), persistent=False)
+        # Whole groups per member: the packed members side by side are the packed whole.
+        aligned = all(m.out_features % INT8_GROUP == 0 for m in modules)
+        if aligned:
+            packed = torch.cat([m.packed for m in modules])
+        else:
+            packed = pack_int8(torch.cat([m.qweight for m in modules]))
+        fused.register_buffer("packed", packed, persistent=False)
         fused.register_buffer("scale", torch.cat([m.scale for m in modules]), persistent=False)
     start = 0
     for module in modules:
@@ -410,8 +450,8 @@ def concatenate(modules: Sequence[nn.Linear]) -> nn.Linear | None:
         module.weight = nn.Parameter(fused.weight[rows], requires_grad=grad)
         if module.bias is not None:
             module.bias = nn.Parameter(fused.bias[rows], requires_grad=module.bias.requires_grad)
-        if kind is Int8Linear:
-            module.qweight = fused.qweight[rows]
+        if kind is Int8Linear and aligned:
+            module.packed = fused.packed[rows]
             module.scale = fused.scale[rows]
         start += module.out_features
     return fused

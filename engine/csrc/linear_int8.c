@@ -1,6 +1,6 @@
 /*
- * y[M,N] = (x[M,K] @ q[N,K]^T) * scale[N] (+ bias[N]) for int8 weights with one fp32 scale per
- * output row; x, bias and y all fp32 or all bf16. AVX2, OpenMP.
+ * y[M,N] = (x[M,K] @ q[N,K]^T) * scale[N] (+ bias[N]) for int8 weights (packed, see below) with
+ * one fp32 scale per output row; x, bias and y all fp32 or all bf16. AVX2, OpenMP.
  *
  * Why: only draft decode steps come here, and their proposals may change a little while the
  * output cannot (the target verifies every token). Widening int8 weights to fp32 for FMAs made
@@ -14,6 +14,12 @@
  * Each block's int32 sum is scaled by the x block's scale into fp32 accumulators, and the weight
  * row's scale is applied once at the end. Threads split N; a tile is 4 weight rows x up to 2
  * rows of x.
+ *
+ * Weights come packed (cpu_linear.pack_int8): per group of 4 rows, block b of each row in turn,
+ * so a tile reads one contiguous stream. Row by row it read 4 short ones (a 896-wide row is 28
+ * cache lines), which the hardware prefetcher barely ramps up on: the same products ran at about
+ * half this machine's memory bandwidth. N is padded to whole groups; padding rows are never
+ * stored.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -26,7 +32,7 @@
 #define ROWS 4 /* weight rows per tile */
 #define MAX_MB 2
 #define BLOCK 32
-#define PF_AHEAD 4096 /* bytes ahead in each weight row: about a tile ahead */
+#define PF_AHEAD 2048 /* bytes ahead in the packed stream */
 
 /* Row m of x as int8 blocks xq and their scales xd: xd[b] * xq[b*32 + i] ~ x[m*K + b*32 + i]. */
 static void quantize_row(const void *x, int bf16_io, int64_t m, int64_t K, int8_t *xq,
@@ -44,8 +50,9 @@ static void quantize_row(const void *x, int bf16_io, int64_t m, int64_t K, int8_
     }
 }
 
-/* out[m * ROWS + r] = sum over blocks of xd[m][b] * dot_int(xq[m] block b, w[r] block b). */
-static void tile(const int8_t *xq, const float *xd, int64_t K, const int8_t *w, int rows, int mb,
+/* out[m * ROWS + r] = sum over blocks of xd[m][b] * dot_int(xq[m] block b, w[r] block b), for
+ * the packed group of ROWS weight rows at w. */
+static void tile(const int8_t *xq, const float *xd, int64_t K, const int8_t *w, int mb,
                  float *out) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[ROWS][MAX_MB];
@@ -54,17 +61,17 @@ static void tile(const int8_t *xq, const float *xd, int64_t K, const int8_t *w, 
     const int64_t blocks = K / BLOCK;
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t k = b * BLOCK;
-        if ((k & 63) == 0)
-            for (int r = 0; r < rows; r++)
-                _mm_prefetch((const char *)(w + r * K + k + PF_AHEAD), _MM_HINT_T0);
+        const int8_t *wb = w + b * ROWS * BLOCK;
+        _mm_prefetch((const char *)(wb + PF_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wb + PF_AHEAD + 64), _MM_HINT_T0);
         __m256i xv[MAX_MB];
         __m256 dv[MAX_MB];
         for (int m = 0; m < mb; m++) {
             xv[m] = _mm256_loadu_si256((const __m256i *)(xq + m * K + k));
             dv[m] = _mm256_set1_ps(xd[m * blocks + b]);
         }
-        for (int r = 0; r < rows; r++) {
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
+        for (int r = 0; r < ROWS; r++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + r * BLOCK));
             const __m256i wabs = _mm256_abs_epi8(wv);
             for (int m = 0; m < mb; m++) {
                 const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv[m], wv));
@@ -73,7 +80,7 @@ static void tile(const int8_t *xq, const float *xd, int64_t K, const int8_t *w, 
             }
         }
     }
-    for (int r = 0; r < rows; r++)
+    for (int r = 0; r < ROWS; r++)
         for (int m = 0; m < mb; m++) out[m * ROWS + r] = hsum(acc[r][m]);
 }
 
@@ -98,7 +105,7 @@ int specserve_linear_int8(const void *x, const int8_t *w, const float *scale, co
         for (int64_t m = 0; m < M; m += MAX_MB) {
             const int mb = M - m < MAX_MB ? (int)(M - m) : MAX_MB;
             float out[ROWS * MAX_MB];
-            tile(xq + m * K, xd + m * blocks, K, w + n * K, rows, mb, out);
+            tile(xq + m * K, xd + m * blocks, K, w + n * K, mb, out);
             for (int i = 0; i < mb; i++)
                 for (int r = 0; r < rows; r++) {
                     const int64_t j = n + r;

@@ -224,6 +224,23 @@ def test_quantize_int8_round_trip() -> None:
     assert ((restored - weight.float()).abs() <= row_max / 254 + 1e-6).all()
 
 
+def test_pack_int8_groups_rows_block_by_block() -> None:
+    qweight = torch.arange(6 * 64).remainder(251).sub(125).to(torch.int8).view(6, 64)
+    packed = cpu_linear.pack_int8(qweight)
+    group = cpu_linear.INT8_GROUP
+    assert packed.shape == (8, 64)  # 6 rows padded to whole groups of 4
+    block = cpu_linear.INT8_BLOCK
+    # The stream of the first group: block 0 of rows 0..3, then block 1 of rows 0..3.
+    stream = packed[:group].flatten()
+    assert torch.equal(stream[:block], qweight[0, :block])
+    assert torch.equal(stream[block : 2 * block], qweight[1, :block])
+    assert torch.equal(stream[group * block : (group + 1) * block], qweight[0, block:])
+    assert (packed[group:].view(-1, group, block)[:, 2:] == 0).all()  # padding rows are zero
+    assert torch.equal(cpu_linear.unpack_int8(packed, 6), qweight)
+    ragged = qweight[:, :40].contiguous()  # not whole blocks: the kernel never takes it
+    assert torch.equal(cpu_linear.unpack_int8(cpu_linear.pack_int8(ragged), 6), ragged)
+
+
 def test_quantize_activations_blockwise() -> None:
     g = torch.Generator().manual_seed(6)
     x = torch.randn(3, 96, generator=g)

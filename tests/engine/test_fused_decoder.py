@@ -93,7 +93,15 @@ def test_concatenated_projections_compute_the_same_and_share_weights() -> None:
     fused = cpu_linear.concatenate(int8)
     assert isinstance(fused, cpu_linear.Int8Linear)
     assert torch.equal(fused(x), want)
-    assert int8[1].qweight.data_ptr() == fused.qweight[64].data_ptr()
+    # Packed in whole groups of rows, the members' int8 weights are views of the fused one.
+    assert int8[1].packed.data_ptr() == fused.packed[64].data_ptr()
+    assert all(torch.equal(m(x), w) for m, w in zip(int8, want.split([64, 40], -1), strict=True))
+    # Members not in whole groups keep their own copies; the fused layer is packed afresh.
+    odd = [cpu_linear.Int8Linear(torch.nn.Linear(128, n).bfloat16()) for n in (6, 10)]
+    want = torch.cat([m(x) for m in odd], dim=-1)
+    fused = cpu_linear.concatenate(odd)
+    assert torch.equal(fused(x), want)
+    assert torch.equal(fused.qweight, torch.cat([m.qweight for m in odd]))
     assert cpu_linear.concatenate([attn.o_proj, int8[0]]) is None  # different kinds
 
 
