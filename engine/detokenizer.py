@@ -50,7 +50,7 @@ class OutputProcessor:
                 request.finish_reason = "length"
                 break
         text_ids = request.output_token_ids[:-1] if stopped_by_token else request.output_token_ids
-        text = self.decode(text_ids)
+        text = self._text(request, text_ids)
         if params.stop:
             text, emitted = self._apply_stop_strings(request, text, emitted)
         if request.finish_reason is None:
@@ -61,6 +61,26 @@ class OutputProcessor:
         delta = text[request.emitted_text_len : end]
         request.emitted_text_len = end
         return emitted, delta
+
+    def _text(self, request: Request, text_ids: list[int]) -> str:
+        """The text of ``text_ids`` (the completion so far), decoding only its recent tokens:
+        the settled text plus whatever the tokens since ``prefix_offset`` add to it. Decoding
+        the whole completion every round cost O(length) per round, a few ms per row per round
+        at a thousand tokens, which a fast device would notice."""
+        if self.tokenizer is None:
+            return ""
+        window = text_ids[request.prefix_offset :]
+        prefix_text = self.decode(window[: request.read_offset - request.prefix_offset])
+        new_text = self.decode(window)
+        pending = new_text[len(prefix_text) :]
+        # A trailing partial character (or nothing new) stays pending: the window must still
+        # hold its bytes when the rest of them arrive.
+        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
+            request.settled_text += pending
+            request.prefix_offset = request.read_offset
+            request.read_offset = len(text_ids)
+            pending = ""
+        return request.settled_text + pending
 
     def _apply_stop_strings(
         self, request: Request, text: str, emitted: list[int]

@@ -88,6 +88,11 @@ class Request:
     draft_len: int = 0  # tokens whose K/V is valid in the draft slot
     draft_offset: int = 0  # the draft slot holds token_ids[draft_offset:] (a context window)
     emitted_text_len: int = 0  # characters of the completion already handed out
+    # Incremental detokenization: the text of output_token_ids[:read_offset], settled, and where
+    # the next decode starts (a few tokens back, so merges and leading spaces come out right).
+    settled_text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     prompt_logprobs_pending: bool = False

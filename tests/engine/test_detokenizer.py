@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+
 from engine.config import SamplingParams
 from engine.detokenizer import OutputProcessor
 from engine.request import Request
@@ -78,3 +80,39 @@ def test_max_new_tokens_finishes_with_length(tokenizer) -> None:
     request.max_new_tokens = 3
     tokens, _ = processor.append(request, [40, 41, 42, 43, 44])
     assert tokens == [40, 41, 42] and request.finish_reason == "length"
+
+
+def test_incremental_text_equals_decoding_everything(tokenizer) -> None:
+    # Random ids include byte tokens that form no complete character: the streamed text must
+    # still come out as one decode of all the tokens would give it.
+    generator = random.Random(0)
+    for _ in range(20):
+        ids = [generator.randrange(3, len(tokenizer)) for _ in range(60)]
+        processor = OutputProcessor(tokenizer, set())
+        request = _request(tokenizer, max_tokens=60)
+        request.max_new_tokens = len(ids)
+        streamed, start = "", 0
+        while start < len(ids):
+            size = generator.randint(1, 6)
+            _, delta = processor.append(request, ids[start : start + size])
+            streamed += delta
+            start += size
+        assert request.finish_reason == "length"
+        assert streamed == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_each_round_decodes_only_recent_tokens(tokenizer) -> None:
+    lengths: list[int] = []
+
+    class Recording:
+        def decode(self, ids: list[int], **kwargs) -> str:
+            lengths.append(len(ids))
+            return tokenizer.decode(ids, **kwargs)
+
+    processor = OutputProcessor(Recording(), set())  # type: ignore[arg-type]
+    request = _request(tokenizer, max_tokens=1000)
+    request.max_new_tokens = 1000
+    ids = tokenizer("the quick brown fox jumps over the lazy dog " * 40).input_ids
+    streamed = "".join(processor.append(request, ids[i : i + 2])[1] for i in range(0, 400, 2))
+    assert streamed == tokenizer.decode(ids[:400])
+    assert max(lengths) <= 4  # two rounds' tokens, not the whole completion
