@@ -35,7 +35,13 @@ log = logging.getLogger("specserve.cpu_linear")
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = tuple(
     _CSRC / name
-    for name in ("linear_bf16.c", "linear_int8.c", "attention_bf16.c", "decoder_bf16.c")
+    for name in (
+        "linear_bf16.c",
+        "linear_int8.c",
+        "attention_bf16.c",
+        "decoder_bf16.c",
+        "decoder_step.c",
+    )
 )
 # Explicit ISA flags rather than -march=native: the cache key then fully describes the binary,
 # so a cache directory shared between machines never serves code a CPU cannot run.
@@ -311,6 +317,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 PROMPT_GEMM_MIN_ROWS = 128
 PROMPT_GEMM_MAX_WEIGHT = 32 * 2**20
 _prompt_mode = threading.local()
+
+
+def in_prompt_gemm() -> bool:
+    """Whether this thread is inside ``prompt_gemm()`` (a prompt prefill)."""
+    return getattr(_prompt_mode, "on", False)
 
 
 @contextmanager

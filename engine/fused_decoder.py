@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from engine.cpu_linear import concatenate
+from engine.cpu_linear import FastLinear, Int8Linear, concatenate, in_prompt_gemm
 
 log = logging.getLogger("specserve.fused_decoder")
 
@@ -31,12 +31,13 @@ MODEL_TYPES = ("llama", "qwen2", "qwen3")
 _norm: ctypes._CFuncPtr | None = None
 _rope: ctypes._CFuncPtr | None = None
 _silu_mul: ctypes._CFuncPtr | None = None
+_step: ctypes._CFuncPtr | None = None
 
 
 def bind(lib: ctypes.CDLL) -> None:
     """Binds the kernels from the freshly loaded CPU library (a failure only disables this
     forward)."""
-    global _norm, _rope, _silu_mul
+    global _norm, _rope, _silu_mul, _step
     try:
         norm = lib.specserve_add_rms_norm
         norm.restype = ctypes.c_int
@@ -58,10 +59,17 @@ def bind(lib: ctypes.CDLL) -> None:
             + [ctypes.c_int64] * 2
             + [ctypes.c_int]
         )  # fmt: skip
+        step = lib.specserve_decoder_step
+        step.restype = ctypes.c_int
+        step.argtypes = (
+            [ctypes.c_int64] + [ctypes.c_void_p] * 10
+            + [ctypes.c_int64] * 3
+            + [ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+        )  # fmt: skip
     except AttributeError as exc:
         log.warning("fused decoder kernels unavailable: %s", exc)
         return
-    _norm, _rope, _silu_mul = norm, rope, silu_mul
+    _norm, _rope, _silu_mul, _step = norm, rope, silu_mul, step
 
 
 def available() -> bool:
@@ -159,6 +167,119 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+STEP_FIELDS = 19  # pointers per layer in the step's table (engine/csrc/decoder_step.c)
+
+
+class _StepTable:
+    """Everything ``specserve_decoder_step`` reads about one model and its slot cache: weight,
+    norm and cache pointers per layer, sizes and epsilons. Built once the cache exists; the
+    tensors behind the pointers live as long as the model and the cache."""
+
+    def __init__(self, layers: int, sizes: list[int], pointers: list, eps: list[float]) -> None:
+        self.layers = layers
+        self.sizes = (ctypes.c_int64 * len(sizes))(*sizes)
+        self.pointers = (ctypes.c_void_p * len(pointers))(*pointers)
+        self.eps = (ctypes.c_float * len(eps))(*eps)
+
+    @classmethod
+    def build(cls, decoder: FusedDecoder, cache) -> _StepTable | None:
+        """The table, or None when some layer is not of the shape the C step handles (then the
+        Python loop runs it)."""
+        body = decoder.body
+        attn0 = body.layers[0].self_attn
+        q_size, kv_size, v_size = decoder.qkv_sizes[0]
+        head_dim = attn0.head_dim
+        if kv_size != v_size or q_size % head_dim or kv_size % head_dim:
+            return None
+        pointers: list[int | None] = []
+        eps: list[float] = []
+
+        def tensor(t: torch.Tensor | None, dtype: torch.dtype | None = torch.bfloat16) -> int:
+            if t is None or (dtype is not None and t.dtype != dtype) or not t.is_contiguous():
+                raise ValueError
+            return t.data_ptr()
+
+        try:
+            for index, layer in enumerate(body.layers):
+                attn, mlp = layer.self_attn, layer.mlp
+                qkv, gate_up = decoder.qkv[index], decoder.gate_up[index]
+                o_proj, down = attn.o_proj, mlp.down_proj
+                same_shape = decoder.qkv_sizes[index] == decoder.qkv_sizes[0]
+                if not same_shape or attn.scaling != attn0.scaling:
+                    return None
+                for linear in (qkv, o_proj, gate_up, down):
+                    if not isinstance(linear, FastLinear) or linear.weight is None:
+                        return None
+                    pointers.append(tensor(linear.weight))
+                    if isinstance(linear, Int8Linear):
+                        pointers += [tensor(linear.packed, None), tensor(linear.scale, None)]
+                    else:
+                        pointers += [None, None]
+                    if linear is qkv:
+                        pointers.append(None if qkv.bias is None else tensor(qkv.bias))
+                    elif linear.bias is not None:
+                        return None
+                pointers += [
+                    tensor(layer.input_layernorm.weight),
+                    tensor(layer.post_attention_layernorm.weight),
+                ]
+                if decoder.qk_norm:
+                    pointers += [tensor(attn.q_norm.weight), tensor(attn.k_norm.weight)]
+                    qk_eps = [_eps(attn.q_norm), _eps(attn.k_norm)]
+                else:
+                    pointers += [None, None]
+                    qk_eps = [0.0, 0.0]
+                keys, values = cache.keys[index], cache.values[index]
+                if keys.shape[1:] != (kv_size // head_dim, cache.capacity, head_dim):
+                    return None
+                pointers += [tensor(keys), tensor(values)]
+                eps += [*decoder.eps[index], *qk_eps]
+            pointers_final = tensor(body.norm.weight)
+        except ValueError:
+            return None
+        sizes = [
+            body.layers[0].input_layernorm.weight.shape[0],
+            q_size,
+            kv_size,
+            decoder.gate_up[0].out_features // 2,
+            q_size // head_dim,
+            kv_size // head_dim,
+            head_dim,
+            cache.capacity,
+        ]
+        table = cls(len(body.layers), sizes, pointers, eps)
+        table.final_norm = pointers_final
+        table.final_eps = decoder.final_eps
+        table.scaling = float(attn0.scaling)
+        return table
+
+    def run(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache,
+    ) -> torch.Tensor | None:
+        """The final normed hidden states (x is the residual stream, updated in place), or None
+        when the kernel failed."""
+        assert _step is not None
+        rows, width = x.shape[:2]
+        normed = torch.empty_like(x)
+        mask = attention_mask[:, 0].float().contiguous()  # [B, T, read_len]
+        write_slot = cache._write_slot.contiguous()
+        write_pos = cache._write_pos.contiguous()
+        read_slots = cache._read_slots.contiguous()
+        status = _step(
+            self.layers, ctypes.addressof(self.sizes), ctypes.addressof(self.pointers),
+            ctypes.addressof(self.eps), x.data_ptr(), normed.data_ptr(), cos.data_ptr(),
+            sin.data_ptr(), write_slot.data_ptr(), write_pos.data_ptr(), read_slots.data_ptr(),
+            rows, width, mask.shape[-1], mask.data_ptr(), self.scaling, self.final_norm,
+            self.final_eps, torch.get_num_threads(),
+        )  # fmt: skip
+        return normed if status == 0 else None
+
+
 class FusedDecoder:
     """``forward(input_ids, mask, position_ids, cache)`` -> final hidden states, as
     ``model.base_model(...)`` would give them through our cache."""
@@ -183,6 +304,22 @@ class FusedDecoder:
         # "eager" is not registered with the interface: each model module has its own.
         attention_module = sys.modules[type(self.body.layers[0].self_attn).__module__]
         self.eager_attention = attention_module.eager_attention_forward
+        # Decode and verify forwards run as one C call once the slot cache exists
+        # (engine/csrc/decoder_step.c); tests turn it off to compare it with the Python loop.
+        self.use_step = True
+        self._step_table: _StepTable | None = None
+        self._step_cache = None  # the cache the table points into
+
+    def _table_for(self, cache) -> _StepTable | None:
+        """The C step's table when this forward may run as one C call: a decode or verify
+        forward (prompts run the Python loop with their own GEMM and attention) on a cache that
+        already holds its buffers."""
+        if not self.use_step or _step is None or in_prompt_gemm() or not cache.allocated:
+            return None
+        if self._step_cache is not cache:
+            self._step_cache = cache
+            self._step_table = _StepTable.build(self, cache)
+        return self._step_table
 
     @classmethod
     def build(cls, model: PreTrainedModel) -> FusedDecoder | None:
@@ -213,6 +350,12 @@ class FusedDecoder:
         # A fresh tensor from the embedding: the residual stream, updated in place from here on.
         x = body.embed_tokens(input_ids)
         cos, sin = (t.contiguous() for t in body.rotary_emb(x, position_ids))
+        table = self._table_for(cache)
+        if table is not None:
+            normed = table.run(x, cos, sin, attention_mask, cache)
+            if normed is not None:
+                return normed
+            x = body.embed_tokens(input_ids)  # the failed call may have left x half-updated
         normed = torch.empty_like(x)
         # Read per forward: prompt prefill swaps the implementation (see ModelRunner.prefill).
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(

@@ -127,6 +127,39 @@ def test_fused_forward_gives_the_modules_logits(arch: str) -> None:
         )
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_c_step_is_the_python_layer_loop_bit_for_bit(arch: str, int8: bool) -> None:
+    torch.manual_seed(3)
+    config = tiny_config(arch, layers=2, hidden=128)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    patch_model(model, int8=int8)
+    model.set_attn_implementation(cpu_attention.NAME)
+    model.requires_grad_(False)
+    step = ModelRunner(model, num_slots=3, capacity=64)
+    loop = ModelRunner(model, num_slots=3, capacity=64)
+    assert step.fused is not None and loop.fused is not None
+    loop.fused.use_step = False
+    prompts = RaggedBatch([[5, 6, 7, 8, 9, 10, 11], [3, 4, 12]], [2, 0], [0, 0], [7, 3])
+    # Slots out of order (the gather path), ragged widths, then one decode row; int8 weights
+    # serve up to 8 tokens, the bf16 ones more (the 3 x 3 verify).
+    forwards = [
+        RaggedBatch([[40, 41, 42], [43]], [2, 0], [7, 3], [3, 1]),
+        RaggedBatch([[44]], [0], [4], [1]),
+        RaggedBatch([[45, 46, 47]] * 3, [0, 1, 2], [5, 0, 10], [3, 3, 3]),
+    ]
+    for runner in (step, loop):
+        with cpu_linear.prompt_gemm():
+            runner.forward(prompts, "none")
+    for batch in forwards:
+        got, want = step.forward(batch, "all"), loop.forward(batch, "all")
+        assert torch.equal(got, want)
+    assert step.fused._step_table is not None  # the C step ran
+    for layer in range(2):
+        assert torch.equal(step.cache.keys[layer], loop.cache.keys[layer])
+        assert torch.equal(step.cache.values[layer], loop.cache.values[layer])
+
+
 def test_fused_forward_is_batch_invariant() -> None:
     """What greedy speculation relies on: a row's logits do not depend on its batch."""
     model = _model("qwen2")
