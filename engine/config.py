@@ -49,6 +49,10 @@ class EngineConfig:
     # Prompt tokens admitted per step (at least one request; 0 = every free slot at once).
     # Decode rounds of running requests go on between admissions.
     prefill_budget: int = 1024
+    # Prompt tokens computed per step across the rows still prefilling (0 = whole prompts): a
+    # long prompt is prefilled over several steps with a decode round between its chunks, so
+    # the running rows stall for one chunk at a time, not for the whole prompt.
+    prefill_chunk: int = 512
 
     def __post_init__(self) -> None:
         if self.gamma < 0:
@@ -61,6 +65,8 @@ class EngineConfig:
             raise ValueError(f"draft_window must be >= 0, got {self.draft_window}")
         if self.prefill_budget < 0:
             raise ValueError(f"prefill_budget must be >= 0, got {self.prefill_budget}")
+        if self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
         if self.prompt_lookup < 0:
             raise ValueError(f"prompt_lookup must be >= 0, got {self.prompt_lookup}")
         if self.draft_vocab < 0:

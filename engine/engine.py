@@ -187,6 +187,7 @@ class Engine:
             self.costs = self._calibrate()
         self._inbox: deque[Request] = deque()
         self._aborts: deque[str] = deque()
+        self._prefilling: list[Request] = []  # admitted, prompt not yet all in the target slot
         self._lock = threading.Lock()
         log.info(self.describe())
 
@@ -294,8 +295,11 @@ class Engine:
         outputs = self._take_inbox()
         admitted = self.scheduler.admit(self.config.prefill_budget)
         if admitted:
-            self._prefill(admitted)
-        batch = self.scheduler.batch()
+            self._admit(admitted)
+        if self._prefilling:
+            self._prefill_chunks()
+        # Rows still prefilling sit out the round: only the last token may be pending.
+        batch = [r for r in self.scheduler.batch() if r.target_len == r.num_tokens - 1]
         if batch:
             outputs += self._round(batch)
         self.stats.busy_seconds += time.perf_counter() - started
@@ -320,9 +324,10 @@ class Engine:
             outputs.append(self._output(request, [], ""))
         return outputs
 
-    def _prefill(self, requests: list[Request]) -> None:
-        """Fills both slot caches with every prompt token but the last, which the first round
-        feeds (so prefill and decode share one invariant: the last token is always pending)."""
+    def _admit(self, requests: list[Request]) -> None:
+        """New slot holders start prefilling: both slot caches get every prompt token but the
+        last, which the first round feeds (so prefill and decode share one invariant: the last
+        token is always pending). The target's K/V already in the slot counts as done."""
         for request in requests:
             request.stats.arrival_time = min(request.stats.arrival_time, time.monotonic())
             self.stats.prompt_tokens += len(request.prompt_token_ids)
@@ -335,25 +340,40 @@ class Engine:
                     self.config.prompt_lookup, min(2, self.config.prompt_lookup)
                 )
                 request.lookup.extend(request.prompt_token_ids)
-        rows = []
-        for request in requests:
-            if request.num_tokens - 1 > request.cached_len:
-                rows.append(request)
-            else:  # nothing to compute: the slot already holds it all
-                request.target_len = request.num_tokens - 1
-        for group in padding_groups(rows, lambda r: r.num_tokens - 1 - r.cached_len):
-            self._prefill_group(group)
+            request.target_len = request.cached_len
+            self._prefilling.append(request)
+
+    def _prefill_chunks(self) -> None:
+        """Computes up to ``prefill_chunk`` prompt tokens of the prefilling rows, first come
+        first served, so a long prompt is prefilled over several steps and the running rows
+        decode a round between its chunks instead of waiting out the whole prompt."""
+        self._prefilling = [r for r in self._prefilling if not r.finished]  # aborted meanwhile
+        budget = self.config.prefill_chunk or float("inf")
+        take: dict[str, int] = {}
+        for request in self._prefilling:
+            if budget <= 0:
+                break
+            remaining = request.num_tokens - 1 - request.target_len
+            # Prompt logprobs come from one forward over the whole prompt.
+            size = remaining if request.prompt_logprobs_pending else int(min(remaining, budget))
+            take[request.request_id] = size
+            budget -= size
+        rows = [r for r in self._prefilling if take.get(r.request_id)]
+        for group in padding_groups(rows, lambda r: take[r.request_id]):
+            self._prefill_group(group, [take[r.request_id] for r in group])
             # Only now: a slot released after a failed prefill must not claim K/V it lacks.
             for request in group:
-                request.target_len = request.num_tokens - 1
+                request.target_len += take[request.request_id]
+        self._prefilling = [r for r in self._prefilling if r.target_len < r.num_tokens - 1]
 
-    def _prefill_group(self, rows: list[Request]) -> None:
-        # Each row computes its prompt from where the K/V already in its slot ends.
+    def _prefill_group(self, rows: list[Request], sizes: list[int]) -> None:
+        # Each row computes the next ``size`` prompt tokens after the K/V its slot holds.
+        pairs = zip(rows, sizes, strict=True)
         batch = RaggedBatch(
-            [r.prompt_token_ids[r.cached_len : -1] for r in rows],
+            [r.prompt_token_ids[r.target_len : r.target_len + n] for r, n in pairs],
             [r.slot for r in rows],
-            [r.cached_len for r in rows],
-            [r.num_tokens - 1 - r.cached_len for r in rows],
+            [r.target_len for r in rows],
+            sizes,
         )
         wants_logprobs = any(r.prompt_logprobs_pending for r in rows)
         hidden = self.target.prefill(batch, output="hidden" if wants_logprobs else "none")

@@ -82,6 +82,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "prefills (at least one request per step; 0 = fill every free slot at once)",
     )
     group.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=_env_int("PREFILL_CHUNK", 512),
+        help="prompt tokens computed per engine step: a longer prompt is prefilled over "
+        "several steps with a decode round between chunks (0 = whole prompts)",
+    )
+    group.add_argument(
         "--draft-window",
         type=int,
         default=_env_int("DRAFT_WINDOW", 256),
@@ -140,6 +147,7 @@ def build_engine(args: argparse.Namespace):
         draft_window=args.draft_window,
         prompt_lookup=args.prompt_lookup if speculates else 0,
         prefill_budget=args.prefill_budget,
+        prefill_chunk=args.prefill_chunk,
     )
     engine = Engine(
         target.model, draft.model if draft is not None else None, config, target.tokenizer

@@ -81,3 +81,23 @@ def test_serve_reports_bad_configuration(capsys: pytest.CaptureFixture[str]) -> 
     assert "--max-queue must be >= 0" in capsys.readouterr().err
     assert main(["serve", "--target", "/no/such/model", "--draft", "none"]) == 1
     assert "/no/such/model" in capsys.readouterr().err
+
+
+def test_engine_settings_come_from_flags_and_environment(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    from server.cli import add_model_arguments, build_engine
+
+    def config(argv: list[str]):
+        parser = argparse.ArgumentParser()
+        add_model_arguments(parser)
+        args = parser.parse_args(["--target", str(model_dir), "--draft", "none", *argv])
+        engine, _, _ = build_engine(args)
+        return engine.config
+
+    assert config([]).prefill_chunk == 512
+    assert config(["--prefill-chunk", "7"]).prefill_chunk == 7
+    monkeypatch.setenv("SPECSERVE_PREFILL_CHUNK", "0")
+    assert config([]).prefill_chunk == 0
