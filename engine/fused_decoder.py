@@ -175,11 +175,22 @@ class _StepTable:
     norm and cache pointers per layer, sizes and epsilons. Built once the cache exists; the
     tensors behind the pointers live as long as the model and the cache."""
 
-    def __init__(self, layers: int, sizes: list[int], pointers: list, eps: list[float]) -> None:
-        self.layers = layers
+    def __init__(
+        self,
+        sizes: list[int],
+        pointers: list,
+        eps: list[float],
+        final_norm: int,
+        final_eps: float,
+        scaling: float,
+    ) -> None:
+        self.layers = len(pointers) // STEP_FIELDS
         self.sizes = (ctypes.c_int64 * len(sizes))(*sizes)
         self.pointers = (ctypes.c_void_p * len(pointers))(*pointers)
         self.eps = (ctypes.c_float * len(eps))(*eps)
+        self.final_norm = final_norm
+        self.final_eps = final_eps
+        self.scaling = scaling
 
     @classmethod
     def build(cls, decoder: FusedDecoder, cache) -> _StepTable | None:
@@ -234,7 +245,7 @@ class _StepTable:
                     return None
                 pointers += [tensor(keys), tensor(values)]
                 eps += [*decoder.eps[index], *qk_eps]
-            pointers_final = tensor(body.norm.weight)
+            final_norm = tensor(body.norm.weight)
         except ValueError:
             return None
         sizes = [
@@ -247,11 +258,7 @@ class _StepTable:
             head_dim,
             cache.capacity,
         ]
-        table = cls(len(body.layers), sizes, pointers, eps)
-        table.final_norm = pointers_final
-        table.final_eps = decoder.final_eps
-        table.scaling = float(attn0.scaling)
-        return table
+        return cls(sizes, pointers, eps, final_norm, decoder.final_eps, float(attn0.scaling))
 
     def run(
         self,
@@ -267,9 +274,7 @@ class _StepTable:
         rows, width = x.shape[:2]
         normed = torch.empty_like(x)
         mask = attention_mask[:, 0].float().contiguous()  # [B, T, read_len]
-        write_slot = cache._write_slot.contiguous()
-        write_pos = cache._write_pos.contiguous()
-        read_slots = cache._read_slots.contiguous()
+        write_slot, write_pos, read_slots = (t.contiguous() for t in cache.planned())
         status = _step(
             self.layers, ctypes.addressof(self.sizes), ctypes.addressof(self.pointers),
             ctypes.addressof(self.eps), x.data_ptr(), normed.data_ptr(), cos.data_ptr(),

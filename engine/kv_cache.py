@@ -44,6 +44,13 @@ class SlotKVCache:
         # When the batch's slots are consecutive, reading is a view instead of a gather.
         self._contiguous_start = contiguous_start
 
+    def planned(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forward in flight's plan: per token its write slot and position [B, T], per row
+        the slot it reads [B] (for forwards that write the cache themselves, the C step)."""
+        assert self._write_slot is not None and self._write_pos is not None
+        assert self._read_slots is not None
+        return self._write_slot, self._write_pos, self._read_slots
+
     def _allocate(self, key: torch.Tensor, value: torch.Tensor) -> None:
         _, kv_heads, _, head_dim = key.shape
         shape = (self.num_slots + 1, kv_heads, self.capacity, head_dim)
