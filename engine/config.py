@@ -49,9 +49,10 @@ class EngineConfig:
     # Prompt tokens admitted per step (at least one request; 0 = every free slot at once).
     # Decode rounds of running requests go on between admissions.
     prefill_budget: int = 1024
-    # Prompt tokens computed per step across the rows still prefilling (0 = whole prompts): a
-    # long prompt is prefilled over several steps with a decode round between its chunks, so
-    # the running rows stall for one chunk at a time, not for the whole prompt.
+    # Prompt tokens computed per step across the rows still prefilling while other rows decode
+    # (0 = whole prompts): a long prompt is prefilled over several steps with a decode round
+    # between its chunks, so the running rows stall for one chunk at a time, not for the whole
+    # prompt. With nothing decoding, prompts are computed whole (fewer, more efficient GEMMs).
     prefill_chunk: int = 512
 
     def __post_init__(self) -> None:
