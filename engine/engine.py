@@ -8,6 +8,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,6 +38,9 @@ from engine.stats import EngineStats, RoundRecord
 from engine.verifier import verify
 
 log = logging.getLogger("specserve.engine")
+
+
+Row = TypeVar("Row")  # what padding_groups sorts: requests, or (request, size) pairs
 
 
 class PromptTooLongError(ValueError):
@@ -72,22 +76,20 @@ CATCH_UP_ALONE = 3
 CATCH_UP_CALIBRATION = 64  # tokens of the draft prefill timed at start-up
 
 
-def padding_groups(rows: list[Request], length: Callable[[Request], int]) -> list[list[Request]]:
+def padding_groups(rows: list[Row], length: Callable[[Row], int]) -> list[list[Row]]:
     """Splits prompts into forwards that waste little on padding: a ragged forward computes
     every row at the longest row's width, so an 800-token prompt beside seven 60-token ones
     would triple the work. Rows join a group (longest first) while the padded size stays
     within 25 % of the real tokens."""
-    groups: list[list[Request]] = []
+    groups: list[list[Row]] = []
     real = 0
-    for request in sorted(rows, key=length, reverse=True):
-        if groups and length(groups[-1][0]) * (len(groups[-1]) + 1) <= 1.25 * (
-            real + length(request)
-        ):
-            groups[-1].append(request)
-            real += length(request)
+    for row in sorted(rows, key=length, reverse=True):
+        if groups and length(groups[-1][0]) * (len(groups[-1]) + 1) <= 1.25 * (real + length(row)):
+            groups[-1].append(row)
+            real += length(row)
         else:
-            groups.append([request])
-            real = length(request)
+            groups.append([row])
+            real = length(row)
     return groups
 
 
@@ -299,7 +301,7 @@ class Engine:
         if self._prefilling:
             self._prefill_chunks()
         # Rows still prefilling sit out the round: only the last token may be pending.
-        batch = [r for r in self.scheduler.batch() if r.target_len == r.num_tokens - 1]
+        batch = [r for r in self.scheduler.batch() if r.prefilled]
         if batch:
             outputs += self._round(batch)
         self.stats.busy_seconds += time.perf_counter() - started
@@ -350,30 +352,28 @@ class Engine:
         some row is decoding: a shorter GEMM is a less efficient one (a 684-token prompt took
         14.2 s whole, 12.5 + 4.9 s as 512 + 172), which only a waiting stream repays."""
         self._prefilling = [r for r in self._prefilling if not r.finished]  # aborted meanwhile
-        decoding = any(r.target_len == r.num_tokens - 1 for r in self.scheduler.running.values())
+        decoding = any(r.prefilled for r in self.scheduler.running.values())
         chunk = self.config.prefill_chunk if decoding else 0
         budget = chunk or float("inf")
-        take: dict[str, int] = {}
+        work: list[tuple[Request, int]] = []
         for request in self._prefilling:
             if budget <= 0:
                 break
-            remaining = request.num_tokens - 1 - request.target_len
-            size = remaining
+            size = request.num_tokens - 1 - request.target_len
             # Prompt logprobs come from one forward over the whole prompt.
             if chunk and not request.prompt_logprobs_pending:
                 # Even parts, not a full chunk and a sliver: each part is a fair-sized GEMM.
-                parts = max(1, -(-remaining // chunk))
-                size = -(-remaining // parts)
-                size = int(min(size, budget))
-            take[request.request_id] = size
+                parts = max(1, -(-size // chunk))
+                size = int(min(-(-size // parts), budget))
+            if size:
+                work.append((request, size))
             budget -= size
-        rows = [r for r in self._prefilling if take.get(r.request_id)]
-        for group in padding_groups(rows, lambda r: take[r.request_id]):
-            self._prefill_group(group, [take[r.request_id] for r in group])
+        for group in padding_groups(work, lambda item: item[1]):
+            self._prefill_group([r for r, _ in group], [size for _, size in group])
             # Only now: a slot released after a failed prefill must not claim K/V it lacks.
-            for request in group:
-                request.target_len += take[request.request_id]
-        self._prefilling = [r for r in self._prefilling if r.target_len < r.num_tokens - 1]
+            for request, size in group:
+                request.target_len += size
+        self._prefilling = [r for r in self._prefilling if not r.prefilled]
 
     def _prefill_group(self, rows: list[Request], sizes: list[int]) -> None:
         # Each row computes the next ``size`` prompt tokens after the K/V its slot holds.

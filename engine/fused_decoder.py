@@ -23,7 +23,13 @@ import torch
 from transformers import PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from engine.cpu_linear import FastLinear, Int8Linear, concatenate, in_prompt_gemm
+from engine.cpu_linear import (
+    INT8_BLOCK,
+    FastLinear,
+    Int8Linear,
+    concatenate,
+    in_prompt_gemm,
+)
 
 log = logging.getLogger("specserve.fused_decoder")
 
@@ -222,7 +228,7 @@ class _StepTable:
                     if not isinstance(linear, FastLinear) or linear.weight is None:
                         return None
                     pointers.append(tensor(linear.weight))
-                    if isinstance(linear, Int8Linear):
+                    if isinstance(linear, Int8Linear) and linear.in_features % INT8_BLOCK == 0:
                         pointers += [tensor(linear.packed, None), tensor(linear.scale, None)]
                     else:
                         pointers += [None, None]
@@ -257,6 +263,7 @@ class _StepTable:
             kv_size // head_dim,
             head_dim,
             cache.capacity,
+            Int8Linear.MAX_ROWS,
         ]
         return cls(sizes, pointers, eps, final_norm, decoder.final_eps, float(attn0.scaling))
 

@@ -119,6 +119,12 @@ class Request:
         return self.stats.cached_tokens
 
     @property
+    def prefilled(self) -> bool:
+        """Whether the target slot holds every token but the last (which the next round
+        feeds): the row may decode. False while its prompt is still being prefilled."""
+        return self.target_len == self.num_tokens - 1
+
+    @property
     def last_token(self) -> int:
         return (self.output_token_ids or self.prompt_token_ids)[-1]
 

@@ -33,8 +33,9 @@ int specserve_attention_bf16(const uint16_t *q, int64_t q_sb, int64_t q_sh, int6
                              float scale, int threads);
 
 /* Per layer, in this order in the pointer table (NULL where absent). A linear is its weight
- * (bf16 row-major [N, K]) and, when int8 copies exist, the packed int8 weight and row scales
- * (cpu_linear.pack_int8), used for inputs of at most INT8_MAX_ROWS rows as Int8Linear does. */
+ * (bf16 row-major [N, K]) and, when the int8 kernel may take it, the packed int8 weight and row
+ * scales (cpu_linear.pack_int8), used for inputs of at most sizes[INT8_ROWS] rows: the rules
+ * of Int8Linear, which the Python side applies when it fills the table. */
 enum {
     QKV_W, QKV_Q, QKV_S, QKV_B,
     O_W, O_Q, O_S,
@@ -44,13 +45,13 @@ enum {
     K_CACHE, V_CACHE,
     FIELDS
 };
-/* Sizes: hidden, q width, kv width, intermediate, heads, kv heads, head dim, cache capacity. */
-enum { HIDDEN, Q_SIZE, KV_SIZE, INTER, HEADS, KV_HEADS, HEAD_DIM, CAPACITY, SIZES };
-#define INT8_MAX_ROWS 8
+/* Sizes: hidden, q width, kv width, intermediate, heads, kv heads, head dim, cache capacity,
+ * most rows an int8 linear takes. */
+enum { HIDDEN, Q_SIZE, KV_SIZE, INTER, HEADS, KV_HEADS, HEAD_DIM, CAPACITY, INT8_ROWS, SIZES };
 
-static int project(void *const *f, int w, const uint16_t *x, uint16_t *y, int64_t M, int64_t N,
-                   int64_t K, const void *bias, int threads) {
-    if (f[w + 1] != NULL && M <= INT8_MAX_ROWS && K % 32 == 0)
+static int project(void *const *f, int w, const int64_t *sizes, const uint16_t *x, uint16_t *y,
+                   int64_t M, int64_t N, int64_t K, const void *bias, int threads) {
+    if (f[w + 1] != NULL && M <= sizes[INT8_ROWS])
         return specserve_linear_int8(x, f[w + 1], f[w + 2], bias, y, M, N, K, 1, threads);
     return specserve_linear_bf16(x, f[w], bias, y, M, N, K, 1, threads);
 }
@@ -83,7 +84,8 @@ int specserve_decoder_step(int64_t layers, const int64_t *sizes, void *const *ta
         const float *layer_eps = eps + layer * 4;
         status |= specserve_add_rms_norm(x, layer ? delta : NULL, f[IN_NORM], normed, tokens,
                                          hidden, layer_eps[0], threads);
-        status |= project(f, QKV_W, normed, qkv, tokens, qkv_size, hidden, f[QKV_B], threads);
+        status |= project(f, QKV_W, sizes, normed, qkv, tokens, qkv_size, hidden, f[QKV_B],
+                          threads);
         if (f[Q_NORM] != NULL)
             for (int64_t t = 0; t < tokens; t++) {
                 uint16_t *q = qkv + t * qkv_size, *k = q + q_size;
@@ -115,13 +117,14 @@ int specserve_decoder_step(int64_t layers, const int64_t *sizes, void *const *ta
                 mask + b * width * read_len, attn + b * width * q_size,
                 1, heads, kv_heads, width, read_len, head_dim, scaling, threads);
         }
-        status |= project(f, O_W, attn, delta, tokens, hidden, q_size, NULL, threads);
+        status |= project(f, O_W, sizes, attn, delta, tokens, hidden, q_size, NULL, threads);
         status |= specserve_add_rms_norm(x, delta, f[POST_NORM], normed, tokens, hidden,
                                          layer_eps[1], threads);
-        status |= project(f, GU_W, normed, gate_up, tokens, 2 * inter, hidden, NULL, threads);
+        status |= project(f, GU_W, sizes, normed, gate_up, tokens, 2 * inter, hidden, NULL,
+                          threads);
         status |= specserve_silu_mul(gate_up, gate_up + inter, 2 * inter, act, tokens, inter,
                                      threads);
-        status |= project(f, DOWN_W, act, delta, tokens, hidden, inter, NULL, threads);
+        status |= project(f, DOWN_W, sizes, act, delta, tokens, hidden, inter, NULL, threads);
     }
     if (status == 0)
         status |= specserve_add_rms_norm(x, delta, final_norm, normed, tokens, hidden, final_eps,
