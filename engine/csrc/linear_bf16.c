@@ -132,10 +132,8 @@ static void row_block(const float *x, int64_t ldx, const uint16_t *w, float *y, 
     }
 }
 
-/* x, bias (may be NULL) and y are fp32 when bf16_io is 0, else bf16 (uint16). Returns 0, or
- * -1 without writing y for an empty shape or when scratch memory could not be allocated. */
-int specserve_linear_bf16(const void *x, const uint16_t *w, const void *bias, void *y, int64_t M,
-                          int64_t N, int64_t K, int bf16_io, int threads) {
+static int linear_bf16_avx2(const void *x, const uint16_t *w, const void *bias, void *y,
+                            int64_t M, int64_t N, int64_t K, int bf16_io, int threads) {
     if (M <= 0 || N <= 0 || K <= 0) return -1;
     const int64_t ldx = (K + 15) & ~(int64_t)15, nblocks = (N + BLOCK - 1) / BLOCK;
     float *xp = aligned_alloc(32, (size_t)((M < PANEL ? M : PANEL) * ldx) * sizeof(float));
@@ -164,4 +162,30 @@ int specserve_linear_bf16(const void *x, const uint16_t *w, const void *bias, vo
     }
     free(xp);
     return 0;
+}
+
+int specserve_linear_bf16_avx512(const void *x, const uint16_t *w, const void *bias, void *y,
+                                 int64_t M, int64_t N, int64_t K, int bf16_io, int threads);
+
+/* Which kernel specserve_linear_bf16 runs: 1 = linear_avx512.c, 0 = the AVX2 one above. */
+static int use_avx512 = 0;
+
+/* Selects the kernels for this process: level 1 asks for AVX512-BF16 (granted only where the CPU
+ * has it), 0 for AVX2, a negative level only asks. Returns the level in force. The two kernels
+ * sum in different orders, so a process must not switch while a model is generating: verify and
+ * decode logits would no longer be bit-identical. */
+int specserve_set_isa(int level) {
+    if (level >= 0) use_avx512 = level != 0 && __builtin_cpu_supports("avx512bf16");
+    return use_avx512;
+}
+
+/* The best level this CPU has. */
+int specserve_best_isa(void) { return __builtin_cpu_supports("avx512bf16") ? 1 : 0; }
+
+/* x, bias (may be NULL) and y are fp32 when bf16_io is 0, else bf16 (uint16). Returns 0, or
+ * -1 without writing y for an empty shape or when scratch memory could not be allocated. */
+int specserve_linear_bf16(const void *x, const uint16_t *w, const void *bias, void *y, int64_t M,
+                          int64_t N, int64_t K, int bf16_io, int threads) {
+    if (use_avx512) return specserve_linear_bf16_avx512(x, w, bias, y, M, N, K, bf16_io, threads);
+    return linear_bf16_avx2(x, w, bias, y, M, N, K, bf16_io, threads);
 }

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -14,6 +16,22 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+
+@pytest.fixture(params=("avx2", "avx512"))
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each bf16 kernel this CPU can run, restoring the one in force afterwards."""
+    from engine import cpu_linear
+
+    if request.param not in cpu_linear.supported_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernel")
+    before = cpu_linear.isa()
+    assert cpu_linear.set_isa(request.param) == request.param
+    try:
+        yield request.param
+    finally:
+        cpu_linear.set_isa(before)
+
 
 VOCAB = 320
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox")

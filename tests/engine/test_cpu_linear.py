@@ -33,10 +33,11 @@ def _inputs(
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 17, 33, 70])
 @pytest.mark.parametrize("n,k", [(37, 61), (64, 128), (130, 8), (9, 1003)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_matches_fp32_reference(m: int, n: int, k: int, with_bias: bool) -> None:
+def test_matches_fp32_reference(m: int, n: int, k: int, with_bias: bool, isa: str) -> None:
     x, w, b = _inputs(m, n, k)
     bias = b if with_bias else None
-    want = F.linear(x, w.float(), bias)
+    # AVX512-BF16 multiplies bf16 by bf16: fp32 activations are rounded first.
+    want = F.linear(x.bfloat16().float() if isa == "avx512" else x, w.float(), bias)
     # fp32 x gives fp32 output: only the accumulation order differs from the reference.
     got = linear(x, w, bias)
     assert got.dtype == torch.float32
@@ -49,8 +50,9 @@ def test_matches_fp32_reference(m: int, n: int, k: int, with_bias: bool) -> None
     torch.testing.assert_close(got_b.float(), want_b, rtol=1e-2, atol=1e-2)
 
 
-def test_leading_dims_and_noncontiguous_input() -> None:
+def test_leading_dims_and_noncontiguous_input(isa: str) -> None:
     x, w, b = _inputs(12, 24, 40)
+    x = x.bfloat16().float()  # exact in either kernel
     x3 = x.reshape(3, 4, 40).transpose(0, 1)  # non-contiguous [4, 3, 40]
     got = linear(x3, w, b)
     assert got.shape == (4, 3, 24)
@@ -59,7 +61,7 @@ def test_leading_dims_and_noncontiguous_input() -> None:
 
 @pytest.mark.parametrize("m", [1, 5, 8, 17, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batch_invariance(m: int, dtype: torch.dtype) -> None:
+def test_batch_invariance(m: int, dtype: torch.dtype, isa: str) -> None:
     x, w, b = _inputs(m, 203, 1003, seed=m)
     x = x.to(dtype)
     full = linear(x, w, b.to(dtype))
@@ -72,7 +74,7 @@ def test_batch_invariance(m: int, dtype: torch.dtype) -> None:
     assert torch.equal(linear(other, w, b.to(dtype))[0], full[0])
 
 
-def test_batch_invariance_across_thread_counts() -> None:
+def test_batch_invariance_across_thread_counts(isa: str) -> None:
     x, w, _ = _inputs(5, 203, 256)
     before = torch.get_num_threads()
     try:
@@ -297,22 +299,27 @@ def test_patch_model_int8_for_drafts() -> None:
     assert head.weight is model.get_input_embeddings().weight
 
 
-def test_prompt_gemm_takes_long_inputs_only_inside_its_block() -> None:
+@pytest.mark.parametrize("native", [False, True])
+def test_prompt_gemm_takes_long_inputs_only_inside_its_block(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # native: torch's bf16 GEMM (CPUs with bf16 instructions), else the fp32 route.
+    monkeypatch.setattr(cpu_linear, "_NATIVE_BF16", native)
+    route = "_native_gemm" if native else "_prompt_gemm"
+    threshold = cpu_linear.PROMPT_NATIVE_MIN_ROWS if native else cpu_linear.PROMPT_GEMM_MIN_ROWS
     g = torch.Generator().manual_seed(9)
     weight = torch.randn(48, 64, generator=g).bfloat16()
     bias = torch.randn(48, generator=g).bfloat16()
-    long = torch.randn(cpu_linear.PROMPT_GEMM_MIN_ROWS, 64, generator=g).bfloat16()
+    long = torch.randn(threshold, 64, generator=g).bfloat16()
     short = long[:5]
     outside_long, outside_short = linear(long, weight, bias), linear(short, weight, bias)
     calls = []
-    original = cpu_linear._prompt_gemm
-    cpu_linear._prompt_gemm = lambda *a: calls.append(a[0].shape[0]) or original(*a)
-    try:
-        with cpu_linear.prompt_gemm():
-            inside_long, inside_short = linear(long, weight, bias), linear(short, weight, bias)
-    finally:
-        cpu_linear._prompt_gemm = original
-    assert calls == [cpu_linear.PROMPT_GEMM_MIN_ROWS]  # the short input stayed on the kernel
+    original = getattr(cpu_linear, route)
+    monkeypatch.setattr(cpu_linear, route, lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    with cpu_linear.prompt_gemm():
+        inside_long, inside_short = linear(long, weight, bias), linear(short, weight, bias)
+    monkeypatch.setattr(cpu_linear, route, original)
+    assert calls == [threshold]  # the short input stayed on the kernel
     assert torch.equal(inside_short, outside_short)
     assert inside_long.dtype == torch.bfloat16
     want = F.linear(long.float(), weight.float(), bias.float())

@@ -129,7 +129,7 @@ def test_fused_forward_gives_the_modules_logits(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("int8", [False, True])
-def test_c_step_is_the_python_layer_loop_bit_for_bit(arch: str, int8: bool) -> None:
+def test_c_step_is_the_python_layer_loop_bit_for_bit(arch: str, int8: bool, isa: str) -> None:
     torch.manual_seed(3)
     config = tiny_config(arch, layers=2, hidden=128)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
@@ -160,7 +160,7 @@ def test_c_step_is_the_python_layer_loop_bit_for_bit(arch: str, int8: bool) -> N
         assert torch.equal(step.cache.values[layer], loop.cache.values[layer])
 
 
-def test_fused_forward_is_batch_invariant() -> None:
+def test_fused_forward_is_batch_invariant(isa: str) -> None:
     """What greedy speculation relies on: a row's logits do not depend on its batch."""
     model = _model("qwen2")
     runner = ModelRunner(model, num_slots=3, capacity=64)
