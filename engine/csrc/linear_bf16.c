@@ -167,25 +167,30 @@ static int linear_bf16_avx2(const void *x, const uint16_t *w, const void *bias, 
 int specserve_linear_bf16_avx512(const void *x, const uint16_t *w, const void *bias, void *y,
                                  int64_t M, int64_t N, int64_t K, int bf16_io, int threads);
 
-/* Which kernel specserve_linear_bf16 runs: 1 = linear_avx512.c, 0 = the AVX2 one above. */
-static int use_avx512 = 0;
+/* Which kernels specserve_linear_bf16 and specserve_linear_int8 run: 1 = linear_avx512.c's
+ * (AVX512-BF16 and AVX512-VNNI), 0 = the AVX2 ones. */
+int specserve_isa_level = 0;
 
-/* Selects the kernels for this process: level 1 asks for AVX512-BF16 (granted only where the CPU
- * has it), 0 for AVX2, a negative level only asks. Returns the level in force. The two kernels
+static int has_avx512(void) {
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+}
+
+/* Selects the kernels for this process: level 1 asks for AVX512 (granted only where the CPU has
+ * both BF16 and VNNI), 0 for AVX2, a negative level only asks. Returns the level in force. The two kernels
  * sum in different orders, so a process must not switch while a model is generating: verify and
  * decode logits would no longer be bit-identical. */
 int specserve_set_isa(int level) {
-    if (level >= 0) use_avx512 = level != 0 && __builtin_cpu_supports("avx512bf16");
-    return use_avx512;
+    if (level >= 0) specserve_isa_level = level != 0 && has_avx512();
+    return specserve_isa_level;
 }
 
 /* The best level this CPU has. */
-int specserve_best_isa(void) { return __builtin_cpu_supports("avx512bf16") ? 1 : 0; }
+int specserve_best_isa(void) { return has_avx512(); }
 
 /* x, bias (may be NULL) and y are fp32 when bf16_io is 0, else bf16 (uint16). Returns 0, or
  * -1 without writing y for an empty shape or when scratch memory could not be allocated. */
 int specserve_linear_bf16(const void *x, const uint16_t *w, const void *bias, void *y, int64_t M,
                           int64_t N, int64_t K, int bf16_io, int threads) {
-    if (use_avx512) return specserve_linear_bf16_avx512(x, w, bias, y, M, N, K, bf16_io, threads);
+    if (specserve_isa_level > 0) return specserve_linear_bf16_avx512(x, w, bias, y, M, N, K, bf16_io, threads);
     return linear_bf16_avx2(x, w, bias, y, M, N, K, bf16_io, threads);
 }

@@ -84,6 +84,11 @@ static void tile(const int8_t *xq, const float *xd, int64_t K, const int8_t *w, 
         for (int m = 0; m < mb; m++) out[m * ROWS + r] = hsum(acc[r][m]);
 }
 
+extern int specserve_isa_level;
+int specserve_linear_int8_vnni(const int8_t *xq, const float *xd, const int8_t *w,
+                               const float *scale, const void *bias, void *y, int64_t M,
+                               int64_t N, int64_t K, int bf16_io, int threads);
+
 /* Returns 0, or -1 for a bad shape or when scratch memory could not be allocated. */
 int specserve_linear_int8(const void *x, const int8_t *w, const float *scale, const void *bias,
                           void *y, int64_t M, int64_t N, int64_t K, int bf16_io, int threads) {
@@ -97,6 +102,13 @@ int specserve_linear_int8(const void *x, const int8_t *w, const float *scale, co
         return -1;
     }
     for (int64_t m = 0; m < M; m++) quantize_row(x, bf16_io, m, K, xq + m * K, xd + m * blocks);
+    if (specserve_isa_level > 0) {
+        const int status =
+            specserve_linear_int8_vnni(xq, xd, w, scale, bias, y, M, N, K, bf16_io, threads);
+        free(xq);
+        free(xd);
+        return status;
+    }
     const int64_t tiles = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {

@@ -258,7 +258,7 @@ def test_quantize_activations_blockwise() -> None:
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_matches_quantized_reference(m: int, dtype: torch.dtype) -> None:
+def test_int8_linear_matches_quantized_reference(m: int, dtype: torch.dtype, isa: str) -> None:
     base = nn.Linear(96, 37).bfloat16()
     fast = cpu_linear.Int8Linear(base)
     x = torch.randn(m, 96).to(dtype)
@@ -271,7 +271,7 @@ def test_int8_linear_matches_quantized_reference(m: int, dtype: torch.dtype) -> 
     torch.testing.assert_close(got.float(), base(x.bfloat16()).float(), rtol=0.05, atol=0.05)
 
 
-def test_int8_linear_rows_do_not_depend_on_the_batch() -> None:
+def test_int8_linear_rows_do_not_depend_on_the_batch(isa: str) -> None:
     # Each row's quantisation and dot products are its own, so a draft row proposes the same
     # tokens alone or batched with others.
     base = nn.Linear(128, 50).bfloat16()
@@ -280,6 +280,32 @@ def test_int8_linear_rows_do_not_depend_on_the_batch() -> None:
     batched = fast(x)
     for row in range(5):
         assert torch.equal(fast(x[row : row + 1]), batched[row : row + 1])
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17])
+@pytest.mark.parametrize("n", [4, 37, 70, 130])
+def test_int8_kernels_agree_bit_for_bit(m: int, n: int) -> None:
+    """The VNNI kernel forms each int32 lane from the same 4 products as the AVX2 one and sums
+    the same way: switching kernels must not move a draft proposal."""
+    if "avx512" not in cpu_linear.supported_isas():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    g = torch.Generator().manual_seed(n * 100 + m)
+    base = nn.Linear(160, n).bfloat16()
+    fast = cpu_linear.Int8Linear(base)
+    # Weights at both ends of the int8 range, where an offset trick would overflow first.
+    fast.packed[0, :8] = torch.tensor([127, -127, 127, -127, 1, -1, 0, 127], dtype=torch.int8)
+    x = torch.randn(m, 160, generator=g).bfloat16()
+    before = cpu_linear.isa()
+    try:
+        results = {}
+        for name in cpu_linear.ISAS:
+            cpu_linear.set_isa(name)
+            results[name] = cpu_linear._run_int8(
+                cpu_linear._lib, x, fast.packed, n, fast.scale, base.bias
+            )
+    finally:
+        cpu_linear.set_isa(before)
+    assert torch.equal(results["avx2"], results["avx512"])
 
 
 def test_int8_linear_runs_long_inputs_on_the_bf16_weights() -> None:
