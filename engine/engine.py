@@ -427,6 +427,9 @@ class Engine:
             use_model = (
                 self.proposer is not None
                 and request.params.proposer != "ngram"
+                # Not in a row's first round: the draft's catch-up of the prompt and its steps
+                # would hold back the token a streaming client awaits (copied drafts may go).
+                and bool(request.output_token_ids)
                 and self._draft_ready(request, caps[index], model_prior, soon)
             )
             proposal = request.lookup.propose(caps[index]) if request.lookup is not None else []

@@ -408,8 +408,12 @@ def test_a_new_row_judges_the_draft_prefill_at_the_batch_the_queue_will_make() -
         for _ in range(1 + queued):
             eng.add_request(PROMPTS[2], params)
         eng.step()
-        assert rounds[0].batch_size == 1
-        first_gammas.append(rounds[0].gamma)
+        # A row's first round only samples its first token; it may draft from the second,
+        # which also admits the next queued request.
+        assert rounds[0].batch_size == 1 and rounds[0].gamma == 0
+        eng.step()
+        assert rounds[1].batch_size == 1 + min(queued, 1)
+        first_gammas.append(rounds[1].gamma)
     assert first_gammas[0] > 0 and first_gammas[1] == 0
 
 
@@ -421,7 +425,11 @@ def test_draft_context_window_stays_lossless_and_caches_only_the_window() -> Non
     eng.add_request(PROMPTS[2], GREEDY, request_id="long")
     eng.step()
     request = eng.scheduler.find("long")
-    assert request.draft_offset == len(PROMPTS[2]) - 1 - 5
+    assert request.draft_len == 0  # the first round only sampled the first token
+    eng.step()
+    # The window ends at the row's present when it first drafts: prompt + 1 token, less the
+    # pending last one.
+    assert request.draft_offset == len(PROMPTS[2]) + 1 - 1 - 5
     window = request.token_ids[request.draft_offset : request.draft_offset + request.draft_len]
     reference = _fresh_cache(draft, window)
     runner = eng.proposer.runner

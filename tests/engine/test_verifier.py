@@ -133,7 +133,9 @@ def test_sampled_tokens_follow_the_target_distribution(
 ) -> None:
     target = tiny_model("llama", seed=3, vocab=VOCAB, sharpen=2.0)
     draft = tiny_model("llama", seed=4, vocab=VOCAB, sharpen=2.0, layers=1)
-    prompt, steps, samples = [3, 5, 7], 3, 4000
+    # Four positions: a row's first round samples its first token from the target alone, the
+    # second drafts for the other three.
+    prompt, steps, samples = [3, 5, 7], 4, 4000
     params = [
         SamplingParams(max_tokens=steps, ignore_eos=True, seed=seed, **case)
         for seed in range(samples)
