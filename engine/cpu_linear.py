@@ -53,8 +53,8 @@ _SOURCES = tuple(
 _CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _LIBS = ("-lm",)
 _DISABLE_ENV = "SPECSERVE_CPU_KERNELS"
-# "avx2" keeps the AVX2 kernels on a CPU that has AVX512-BF16 (to compare, or to reproduce
-# another machine's numbers); anything else lets the library pick the best the CPU has.
+# "avx2" keeps the AVX2 kernels and the fp32 prompt GEMM on a CPU that has AVX512-BF16 (to
+# compare, or to reproduce another machine's numbers); anything else picks the best it has.
 _ISA_ENV = "SPECSERVE_CPU_ISA"
 ISAS = ("avx2", "avx512")
 _IO_DTYPES = (torch.float32, torch.bfloat16)
@@ -366,7 +366,10 @@ def _native_bf16_gemm() -> bool:
     global _NATIVE_BF16
     if _NATIVE_BF16 is None:
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        _NATIVE_BF16 = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+        # SPECSERVE_CPU_ISA=avx2 stands for a CPU without bf16 instructions in prefill too.
+        _NATIVE_BF16 = os.environ.get(_ISA_ENV, "").lower() != "avx2" and any(
+            getattr(torch.cpu, name, lambda: False)() for name in probes
+        )
     return _NATIVE_BF16
 
 

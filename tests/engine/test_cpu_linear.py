@@ -111,6 +111,19 @@ def test_env_var_disables(monkeypatch: pytest.MonkeyPatch) -> None:
     assert patch_model(nn.Sequential(nn.Linear(8, 8).bfloat16())) == 0
 
 
+def test_isa_env_var_keeps_the_avx2_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = cpu_linear.isa()
+    _reload(monkeypatch)
+    monkeypatch.setattr(cpu_linear, "_NATIVE_BF16", None)
+    monkeypatch.setenv("SPECSERVE_CPU_ISA", "avx2")
+    try:
+        assert cpu_linear.isa() == "avx2"
+        assert not cpu_linear._native_bf16_gemm()  # prefill as on a CPU without bf16 either
+    finally:
+        # The reloaded library is the same shared object: its selection is process-wide.
+        cpu_linear.set_isa(before)
+
+
 def test_compile_failure_falls_back(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
