@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from engine import cpu_linear
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.loader import LoadedModel, load_pair
@@ -304,9 +305,11 @@ def main(argv: list[str] | None = None) -> int:
 
     identical = sum(r["identical"] for r in rows)
     table = summarise(rows, systems)
+    kernels = cpu_linear.isa() if args.cpu_kernels else "off"
     machine = (
         f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, {speculative.target.dtype}, device {speculative.target.device}"
+        f"torch {torch.__version__}, {speculative.target.dtype}, "
+        f"device {speculative.target.device}, CPU kernels {kernels}"
     )
     print(table)
     print(

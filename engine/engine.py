@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine import cpu_attention
+from engine import cpu_attention, cpu_linear
 from engine.config import EngineConfig, SamplingParams
 from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
@@ -229,11 +229,14 @@ class Engine:
         return total
 
     def describe(self) -> str:
-        return (
+        text = (
             f"KV slots: {self.config.max_slots} x {self.max_len} tokens, gamma={self.gamma}, "
             f"pool {self.kv_cache_bytes() / 2**20:.1f} MiB on {self.target.device} "
             f"({self.target.dtype})"
         )
+        if self.target.device.type == "cpu" and self.config.cpu_kernels:
+            text += f", CPU kernels: {cpu_linear.isa() or 'unavailable (torch)'}"
+        return text
 
     # ---- request intake (thread-safe) -------------------------------------------------------
 

@@ -64,10 +64,13 @@ def transformers_serve(port: int, model_dir: Path, extra_args: list[str]) -> Ser
     """``transformers serve`` pinned to one local model directory, offline.
 
     It preloads the pinned model before listening, so /health means ready (its /v1/models scans
-    the hub cache and fails without one). A pinned server refuses any other ``model`` name.
+    the hub cache and fails without one). A pinned server refuses any other ``model`` name. It
+    runs through ``loadtest.peer_serve``, which turns its prefix cache off as ours is.
     """
-    argv = [venv_tool("transformers"), "serve", "--continuous-batching"]
+    argv = [sys.executable, "-m", "loadtest.peer_serve", "serve", "--continuous-batching"]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16"]
     argv += [*extra_args, str(model_dir)]
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # The harness's own package must import in the child whatever its working directory.
+    root = str(Path(__file__).resolve().parents[1])
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": root}
     return ServerSystem(TRANSFORMERS, argv, "/health", model=str(model_dir), env=env)

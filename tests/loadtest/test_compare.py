@@ -69,3 +69,19 @@ def test_a_system_that_fails_to_start_is_reported(
     assert "exited with code 2" in (system.error or "")
     assert "no such model" in (system.log_tail or "")
     assert "**not measured**" in (out / "report.md").read_text()
+
+
+def test_the_peer_runs_without_its_prefix_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from loadtest import peer_serve, systems
+
+    assert ContinuousBatchingConfig().allow_block_sharing  # transformers' default: shared
+    monkeypatch.setattr(
+        ContinuousBatchingConfig, "__post_init__", ContinuousBatchingConfig.__post_init__
+    )
+    peer_serve.disable_block_sharing()
+    assert not ContinuousBatchingConfig().allow_block_sharing
+    system = systems.transformers_serve(8123, Path("/models/x"), [])
+    assert system.argv[1:4] == ["-m", "loadtest.peer_serve", "serve"]
+    assert "--continuous-batching" in system.argv
