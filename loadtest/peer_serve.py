@@ -14,6 +14,7 @@ import sys
 
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+
 def disable_block_sharing() -> None:
     """Every ContinuousBatchingConfig made from now on in this process shares no KV blocks."""
     original = ContinuousBatchingConfig.__post_init__
