@@ -46,4 +46,16 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The bf16 linear kernels' shared outer loop (linear_bf16.c). */
+#define PANEL 64     /* rows of x per pass over w: bounds scratch and keeps the x in use cached */
+#define MAX_BLOCK 24 /* the most weight rows per work item of any bf16 kernel */
+typedef void (*pack_row_fn)(const void *x, int64_t i, int64_t K, void *row, int64_t ldx,
+                            int bf16_io);
+typedef void (*row_block_fn)(const void *xp, int64_t ldx, const uint16_t *w, float *y,
+                             int64_t ldy, int64_t M, int64_t K, int rows);
+int specserve_linear_driver(const void *x, const uint16_t *w, const void *bias, void *y,
+                            int64_t M, int64_t N, int64_t K, int bf16_io, int threads,
+                            int64_t ldx, size_t xsize, int block, pack_row_fn pack_row,
+                            row_block_fn row_block_fn);
+
 #endif

@@ -27,7 +27,6 @@
 
 #define ZBLOCK 24 /* weight rows per work item: a multiple of every tile height below */
 #define ZMAX_MB 8
-#define ZPANEL 64
 #define ZPF_AHEAD 512 /* prefetch distance in weights per row (1 KiB), as in linear_bf16.c */
 
 /* R and MB literal, so the loops unroll and the R*MB accumulators stay in the 32 zmm registers
@@ -79,8 +78,9 @@ static const ztile_fn ZSINGLE[ZMAX_MB + 1] = {0,         ztile_1_1, ztile_1_2, z
                                               ztile_1_5, ztile_1_6, ztile_1_7, ztile_1_8};
 
 /* Weight rows w[0, rows) against all M rows of x in balanced chunks of at most ZMAX_MB. */
-static void zrow_block(const uint16_t *x, int64_t ldx, const uint16_t *w, float *y, int64_t ldy,
+static void zrow_block(const void *xv, int64_t ldx, const uint16_t *w, float *y, int64_t ldy,
                        int64_t M, int64_t K, int rows) {
+    const uint16_t *x = xv;
     const int64_t chunks = (M + ZMAX_MB - 1) / ZMAX_MB;
     for (int64_t c = 0, m = 0; c < chunks; c++) {
         const int mb = (int)((M - m + chunks - c - 1) / (chunks - c));
@@ -94,39 +94,20 @@ static void zrow_block(const uint16_t *x, int64_t ldx, const uint16_t *w, float 
     }
 }
 
+/* Row i.. of x as bf16 (fp32 rounded), zero-padded to ldx. */
+static void zpack_row(const void *x, int64_t i, int64_t K, void *out, int64_t ldx, int bf16_io) {
+    uint16_t *row = out;
+    if (bf16_io) memcpy(row, (const uint16_t *)x + i, (size_t)K * sizeof(uint16_t));
+    else
+        for (int64_t j = 0; j < K; j++) row[j] = f32_to_bf16(((const float *)x)[i + j]);
+    memset(row + K, 0, (size_t)(ldx - K) * sizeof(uint16_t));
+}
+
 int specserve_linear_bf16_avx512(const void *x, const uint16_t *w, const void *bias, void *y,
                                  int64_t M, int64_t N, int64_t K, int bf16_io, int threads) {
-    if (M <= 0 || N <= 0 || K <= 0) return -1;
-    const int64_t ldx = (K + 31) & ~(int64_t)31, nblocks = (N + ZBLOCK - 1) / ZBLOCK;
-    uint16_t *xp =
-        aligned_alloc(64, (size_t)((M < ZPANEL ? M : ZPANEL) * ldx) * sizeof(uint16_t));
-    if (!xp) return -1;
-#pragma omp parallel num_threads(threads < 1 ? 1 : threads)
-    for (int64_t p = 0; p < M; p += ZPANEL) {
-        const int64_t mp = M - p < ZPANEL ? M - p : ZPANEL;
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < mp; m++) {
-            uint16_t *row = xp + m * ldx;
-            const int64_t i = (p + m) * K;
-            if (bf16_io) memcpy(row, (const uint16_t *)x + i, (size_t)K * sizeof(uint16_t));
-            else
-                for (int64_t j = 0; j < K; j++) row[j] = f32_to_bf16(((const float *)x)[i + j]);
-            memset(row + K, 0, (size_t)(ldx - K) * sizeof(uint16_t));
-        }
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < nblocks; b++) {
-            const int64_t n = b * ZBLOCK, rows = N - n < ZBLOCK ? N - n : ZBLOCK;
-            float out[ZPANEL * ZBLOCK];
-            zrow_block(xp, ldx, w + n * K, out, ZBLOCK, mp, K, (int)rows);
-            for (int64_t m = 0; m < mp; m++)
-                for (int64_t r = 0; r < rows; r++) {
-                    const int64_t j = n + r;
-                    store_output(y, (p + m) * N + j, out[m * ZBLOCK + r], bias, j, bf16_io);
-                }
-        }
-    }
-    free(xp);
-    return 0;
+    return specserve_linear_driver(x, w, bias, y, M, N, K, bf16_io, threads,
+                                   (K + 31) & ~(int64_t)31, sizeof(uint16_t), ZBLOCK, zpack_row,
+                                   zrow_block);
 }
 
 #pragma GCC pop_options

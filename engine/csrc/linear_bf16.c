@@ -36,7 +36,6 @@
 
 #define BLOCK 12 /* weight rows per work item; a multiple of every tile height */
 #define MAX_MB 5
-#define PANEL 64 /* rows of x per pass over w: bounds scratch and keeps the x in use cached */
 /* Prefetch distance in weights per row (1 KiB): shorter lets the FMAs stall on memory, and
  * much longer measured slower. */
 #define PF_AHEAD 512
@@ -132,36 +131,61 @@ static void row_block(const float *x, int64_t ldx, const uint16_t *w, float *y, 
     }
 }
 
-static int linear_bf16_avx2(const void *x, const uint16_t *w, const void *bias, void *y,
-                            int64_t M, int64_t N, int64_t K, int bf16_io, int threads) {
-    if (M <= 0 || N <= 0 || K <= 0) return -1;
-    const int64_t ldx = (K + 15) & ~(int64_t)15, nblocks = (N + BLOCK - 1) / BLOCK;
-    float *xp = aligned_alloc(32, (size_t)((M < PANEL ? M : PANEL) * ldx) * sizeof(float));
+/* Both bf16 kernels' outer loop: x in panels of PANEL rows, each row copied once into the
+ * kernel's layout (pack_row: ldx elements of xsize bytes), then blocks of `block` weight rows
+ * split across threads, each block multiplied by row_block_fn and stored with the bias. */
+int specserve_linear_driver(const void *x, const uint16_t *w, const void *bias, void *y,
+                            int64_t M, int64_t N, int64_t K, int bf16_io, int threads,
+                            int64_t ldx, size_t xsize, int block, pack_row_fn pack_row,
+                            row_block_fn row_block_fn) {
+    if (M <= 0 || N <= 0 || K <= 0 || block > MAX_BLOCK) return -1;
+    const int64_t nblocks = (N + block - 1) / block;
+    char *xp = aligned_alloc(64, (size_t)((M < PANEL ? M : PANEL) * ldx) * xsize);
     if (!xp) return -1;
 #pragma omp parallel num_threads(threads < 1 ? 1 : threads)
     for (int64_t p = 0; p < M; p += PANEL) {
         const int64_t mp = M - p < PANEL ? M - p : PANEL;
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < mp; m++)
-            for (int64_t j = 0; j < ldx; j++) {
-                const int64_t lane = j & 15, i = (p + m) * K;
-                const int64_t src = (j - lane) + (lane < 8 ? 2 * lane : 2 * (lane - 8) + 1);
-                xp[m * ldx + j] = src >= K ? 0.0f : load_io(x, i + src, bf16_io);
-            }
+            pack_row(x, (p + m) * K, K, xp + (size_t)(m * ldx) * xsize, ldx, bf16_io);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; b++) {
-            const int64_t n = b * BLOCK, rows = N - n < BLOCK ? N - n : BLOCK;
-            float out[PANEL * BLOCK];
-            row_block(xp, ldx, w + n * K, out, BLOCK, mp, K, (int)rows);
+            const int64_t n = b * block, rows = N - n < block ? N - n : block;
+            float out[PANEL * MAX_BLOCK];
+            row_block_fn(xp, ldx, w + n * K, out, block, mp, K, (int)rows);
             for (int64_t m = 0; m < mp; m++)
                 for (int64_t r = 0; r < rows; r++) {
                     const int64_t j = n + r;
-                    store_output(y, (p + m) * N + j, out[m * BLOCK + r], bias, j, bf16_io);
+                    store_output(y, (p + m) * N + j, out[m * block + r], bias, j, bf16_io);
                 }
         }
     }
     free(xp);
     return 0;
+}
+
+/* Row i.. of x as fp32, per 16 columns the even ones then the odd ones (see STEP), zero-padded
+ * to ldx. */
+static void pack_row_avx2(const void *x, int64_t i, int64_t K, void *out, int64_t ldx,
+                          int bf16_io) {
+    float *row = out;
+    for (int64_t j = 0; j < ldx; j++) {
+        const int64_t lane = j & 15;
+        const int64_t src = (j - lane) + (lane < 8 ? 2 * lane : 2 * (lane - 8) + 1);
+        row[j] = src >= K ? 0.0f : load_io(x, i + src, bf16_io);
+    }
+}
+
+static void row_block_avx2(const void *x, int64_t ldx, const uint16_t *w, float *y, int64_t ldy,
+                           int64_t M, int64_t K, int rows) {
+    row_block(x, ldx, w, y, ldy, M, K, rows);
+}
+
+static int linear_bf16_avx2(const void *x, const uint16_t *w, const void *bias, void *y,
+                            int64_t M, int64_t N, int64_t K, int bf16_io, int threads) {
+    return specserve_linear_driver(x, w, bias, y, M, N, K, bf16_io, threads,
+                                   (K + 15) & ~(int64_t)15, sizeof(float), BLOCK, pack_row_avx2,
+                                   row_block_avx2);
 }
 
 int specserve_linear_bf16_avx512(const void *x, const uint16_t *w, const void *bias, void *y,
