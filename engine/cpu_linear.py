@@ -64,6 +64,10 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
+def _avx2_forced() -> bool:
+    return os.environ.get(_ISA_ENV, "").lower() == "avx2"
+
+
 def _cpu_supported() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
@@ -165,8 +169,9 @@ def _load() -> ctypes.CDLL | None:
             ]  # fmt: skip
             lib.specserve_set_isa.restype = ctypes.c_int
             lib.specserve_set_isa.argtypes = [ctypes.c_int]
+            lib.specserve_isa.restype = ctypes.c_int
             lib.specserve_best_isa.restype = ctypes.c_int
-            lib.specserve_set_isa(0 if os.environ.get(_ISA_ENV, "").lower() == "avx2" else 1)
+            lib.specserve_set_isa(0 if _avx2_forced() else 1)
             _self_check(lib)
             # The attention and decoder kernels ship in the same library.
             from engine import cpu_attention, fused_decoder
@@ -194,7 +199,7 @@ def supported_isas() -> list[str]:
 def isa() -> str | None:
     """The instruction set the bf16 linear kernel runs now, None without the kernel."""
     lib = _load()
-    return None if lib is None else ISAS[lib.specserve_set_isa(-2)]
+    return None if lib is None else ISAS[lib.specserve_isa()]
 
 
 def set_isa(name: str) -> str:
@@ -367,7 +372,7 @@ def _native_bf16_gemm() -> bool:
     if _NATIVE_BF16 is None:
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         # SPECSERVE_CPU_ISA=avx2 stands for a CPU without bf16 instructions in prefill too.
-        _NATIVE_BF16 = os.environ.get(_ISA_ENV, "").lower() != "avx2" and any(
+        _NATIVE_BF16 = not _avx2_forced() and any(
             getattr(torch.cpu, name, lambda: False)() for name in probes
         )
     return _NATIVE_BF16

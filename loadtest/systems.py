@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -70,7 +71,12 @@ def transformers_serve(port: int, model_dir: Path, extra_args: list[str]) -> Ser
     argv = [sys.executable, "-m", "loadtest.peer_serve", "serve", "--continuous-batching"]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16"]
     argv += [*extra_args, str(model_dir)]
-    # The harness's own package must import in the child whatever its working directory.
-    root = str(Path(__file__).resolve().parents[1])
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": root}
+    # The harness's own package must import in the child whatever its working directory (an
+    # editable install provides it; a bare checkout does not), beside any PYTHONPATH given.
+    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+    }
     return ServerSystem(TRANSFORMERS, argv, "/health", model=str(model_dir), env=env)

@@ -46,6 +46,9 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* Which linear kernels run (linear_bf16.c's specserve_set_isa): 0 AVX2, 1 AVX512. */
+extern int specserve_isa_level;
+
 /* The bf16 linear kernels' shared outer loop (linear_bf16.c). */
 #define PANEL 64     /* rows of x per pass over w: bounds scratch and keeps the x in use cached */
 #define MAX_BLOCK 24 /* the most weight rows per work item of any bf16 kernel */

@@ -116,8 +116,9 @@ static const tile_fn SINGLE[MAX_MB + 1] = {0, tile_1_1, tile_1_2, tile_1_3, tile
 
 /* Weight rows w[0, rows) against all M rows of x, in balanced chunks (M=8 is 4+4, not 5+3,
  * so every chunk keeps enough accumulators busy). Writes fp32 y[m * ldy + r]. */
-static void row_block(const float *x, int64_t ldx, const uint16_t *w, float *y, int64_t ldy,
+static void row_block(const void *xv, int64_t ldx, const uint16_t *w, float *y, int64_t ldy,
                       int64_t M, int64_t K, int rows) {
+    const float *x = xv;
     const int64_t chunks = (M + MAX_MB - 1) / MAX_MB;
     for (int64_t c = 0, m = 0; c < chunks; c++) {
         const int mb = (int)((M - m + chunks - c - 1) / (chunks - c));
@@ -176,16 +177,11 @@ static void pack_row_avx2(const void *x, int64_t i, int64_t K, void *out, int64_
     }
 }
 
-static void row_block_avx2(const void *x, int64_t ldx, const uint16_t *w, float *y, int64_t ldy,
-                           int64_t M, int64_t K, int rows) {
-    row_block(x, ldx, w, y, ldy, M, K, rows);
-}
-
 static int linear_bf16_avx2(const void *x, const uint16_t *w, const void *bias, void *y,
                             int64_t M, int64_t N, int64_t K, int bf16_io, int threads) {
     return specserve_linear_driver(x, w, bias, y, M, N, K, bf16_io, threads,
                                    (K + 15) & ~(int64_t)15, sizeof(float), BLOCK, pack_row_avx2,
-                                   row_block_avx2);
+                                   row_block);
 }
 
 int specserve_linear_bf16_avx512(const void *x, const uint16_t *w, const void *bias, void *y,
@@ -199,14 +195,16 @@ static int has_avx512(void) {
     return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
 }
 
-/* Selects the kernels for this process: level 1 asks for AVX512 (granted only where the CPU has
- * both BF16 and VNNI), 0 for AVX2, a negative level only asks. Returns the level in force. The two kernels
- * sum in different orders, so a process must not switch while a model is generating: verify and
- * decode logits would no longer be bit-identical. */
+/* Selects the kernels for this process: 1 asks for AVX512 (granted only where the CPU has both
+ * BF16 and VNNI), 0 for AVX2. Returns the level in force. The two bf16 kernels sum in different
+ * orders, so a process must not switch while a model is generating: verify and decode logits
+ * would no longer be bit-identical. */
 int specserve_set_isa(int level) {
-    if (level >= 0) specserve_isa_level = level != 0 && has_avx512();
+    specserve_isa_level = level != 0 && has_avx512();
     return specserve_isa_level;
 }
+
+int specserve_isa(void) { return specserve_isa_level; }
 
 /* The best level this CPU has. */
 int specserve_best_isa(void) { return has_avx512(); }
@@ -215,6 +213,7 @@ int specserve_best_isa(void) { return has_avx512(); }
  * -1 without writing y for an empty shape or when scratch memory could not be allocated. */
 int specserve_linear_bf16(const void *x, const uint16_t *w, const void *bias, void *y, int64_t M,
                           int64_t N, int64_t K, int bf16_io, int threads) {
-    if (specserve_isa_level > 0) return specserve_linear_bf16_avx512(x, w, bias, y, M, N, K, bf16_io, threads);
+    if (specserve_isa_level > 0)
+        return specserve_linear_bf16_avx512(x, w, bias, y, M, N, K, bf16_io, threads);
     return linear_bf16_avx2(x, w, bias, y, M, N, K, bf16_io, threads);
 }

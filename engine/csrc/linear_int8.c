@@ -84,7 +84,6 @@ static void tile(const int8_t *xq, const float *xd, int64_t K, const int8_t *w, 
         for (int m = 0; m < mb; m++) out[m * ROWS + r] = hsum(acc[r][m]);
 }
 
-extern int specserve_isa_level;
 int specserve_linear_int8_vnni(const int8_t *xq, const float *xd, const int8_t *w,
                                const float *scale, const void *bias, void *y, int64_t M,
                                int64_t N, int64_t K, int bf16_io, int threads);
