@@ -18,6 +18,27 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _env_name(flag: str) -> str:
+    """``--prefill-chunk`` -> ``PREFILL_CHUNK`` (read as ``SPECSERVE_PREFILL_CHUNK``)."""
+    return flag.lstrip("-").replace("-", "_").upper()
+
+
+def _int_option(group, flag: str, default: int, help: str | None = None) -> None:
+    """An integer flag whose default comes from its environment variable (as _env_int's)."""
+    value = _env(_env_name(flag))
+    group.add_argument(flag, type=int, default=int(value) if value else default, help=help)
+
+
+def _switch(group, flag: str, help: str) -> None:
+    """An on-by-default ``--x/--no-x`` flag; its environment variable set to 0 turns it off."""
+    group.add_argument(
+        flag,
+        action=argparse.BooleanOptionalAction,
+        default=_env(_env_name(flag), "1") != "0",
+        help=help,
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
     group.add_argument(
@@ -32,93 +53,74 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="draft model (same forms as --target); 'none' or omitted with an explicit target "
         "means target-only; 'ngram' means prompt lookup alone, with no draft model",
     )
-    group.add_argument(
+    _int_option(
+        group,
         "--gamma",
-        type=int,
-        default=_env_int("GAMMA", 6),
-        help="most draft tokens per round (0 = target-only); adaptive gamma picks 0..this",
+        6,
+        "most draft tokens per round (0 = target-only); adaptive gamma picks 0..this",
     )
-    group.add_argument(
-        "--max-slots",
-        type=int,
-        default=_env_int("MAX_SLOTS", 8),
-        help="KV slots (concurrent requests)",
-    )
-    group.add_argument(
-        "--max-len",
-        type=int,
-        default=_env_int("MAX_LEN", 2048),
-        help="tokens per slot (prompt + output)",
-    )
+    _int_option(group, "--max-slots", 8, "KV slots (concurrent requests)")
+    _int_option(group, "--max-len", 2048, "tokens per slot (prompt + output)")
     group.add_argument(
         "--dtype", default=_env("DTYPE", "auto"), choices=["auto", "bf16", "fp16", "fp32"]
     )
     group.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
-    group.add_argument(
+    _int_option(
+        group,
         "--draft-vocab",
-        type=int,
-        default=_env_int("DRAFT_VOCAB", 0),
-        help="restrict the draft's LM head to the N most frequent token ids (0 = full)",
+        0,
+        "restrict the draft's LM head to the N most frequent token ids (0 = full)",
     )
-    group.add_argument(
+    _switch(
+        group,
         "--adaptive-gamma",
-        action=argparse.BooleanOptionalAction,
-        default=_env("ADAPTIVE_GAMMA", "1") != "0",
-        help="choose each round's gamma (up to --gamma, 0 included) from measured costs and "
+        "choose each round's gamma (up to --gamma, 0 included) from measured costs and "
         "per-request acceptance (default on)",
     )
-    group.add_argument(
+    _int_option(
+        group,
         "--prompt-lookup",
-        type=int,
-        default=_env_int("PROMPT_LOOKUP", 3),
-        help="longest n-gram prompt lookup matches (free drafts copied from the context, used "
+        3,
+        "longest n-gram prompt lookup matches (free drafts copied from the context, used "
         "per row when they promise more than the draft model; 0 = off)",
     )
-    group.add_argument(
+    _int_option(
+        group,
         "--prefill-budget",
-        type=int,
-        default=_env_int("PREFILL_BUDGET", 1024),
-        help="prompt tokens admitted per engine step, so decoding goes on between long "
+        1024,
+        "prompt tokens admitted per engine step, so decoding goes on between long "
         "prefills (at least one request per step; 0 = fill every free slot at once)",
     )
-    group.add_argument(
+    _int_option(
+        group,
         "--prefill-chunk",
-        type=int,
-        default=_env_int("PREFILL_CHUNK", 512),
-        help="prompt tokens computed per engine step: a longer prompt is prefilled over "
+        512,
+        "prompt tokens computed per engine step: a longer prompt is prefilled over "
         "several steps with a decode round between chunks (0 = whole prompts)",
     )
-    group.add_argument(
+    _int_option(
+        group,
         "--draft-window",
-        type=int,
-        default=_env_int("DRAFT_WINDOW", 256),
-        help="context tokens the draft model copies when a row first drafts (0 = all)",
+        256,
+        "context tokens the draft model copies when a row first drafts (0 = all)",
     )
-    group.add_argument(
+    _switch(
+        group,
         "--cpu-kernels",
-        action=argparse.BooleanOptionalAction,
-        default=_env("CPU_KERNELS", "1") != "0",
-        help="CPU bf16: use specserve's GEMM kernel and eager attention (default on)",
+        "CPU bf16: use specserve's GEMM kernel and eager attention (default on)",
     )
-    group.add_argument(
+    _switch(
+        group,
         "--draft-int8",
-        action=argparse.BooleanOptionalAction,
-        default=_env("DRAFT_INT8", "1") != "0",
-        help="with the CPU kernels, draft decode steps use int8 weights (default on)",
+        "with the CPU kernels, draft decode steps use int8 weights (default on)",
     )
-    group.add_argument(
+    _switch(
+        group,
         "--prefix-cache",
-        action=argparse.BooleanOptionalAction,
-        default=_env("PREFIX_CACHE", "1") != "0",
-        help="a request reuses the K/V of the longest prefix of its prompt that a free slot "
+        "a request reuses the K/V of the longest prefix of its prompt that a free slot "
         "still holds (a chat's earlier turns; default on)",
     )
-    group.add_argument(
-        "--threads",
-        type=int,
-        default=_env_int("THREADS", 0),
-        help="CPU threads (0 = torch default)",
-    )
+    _int_option(group, "--threads", 0, "CPU threads (0 = torch default)")
 
 
 def build_engine(args: argparse.Namespace):
@@ -211,12 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=_env_int("PORT", 8000))
     serve.add_argument("--api-key", default=_env("API_KEY"), help="require this Bearer key")
-    serve.add_argument(
-        "--max-queue",
-        type=int,
-        default=_env_int("MAX_QUEUE", 64),
-        help="waiting requests before 429",
-    )
+    _int_option(serve, "--max-queue", 64, "waiting requests before 429")
     serve.add_argument(
         "--send-timeout",
         type=float,
@@ -224,19 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds a streaming client may stop reading before it is dropped",
     )
     limits = serve.add_argument_group("request limits (past them: 413 for the body, else 400)")
-    limits.add_argument("--max-body-bytes", type=int, default=_env_int("MAX_BODY_BYTES", 4 * 2**20))
-    limits.add_argument(
-        "--max-n", type=int, default=_env_int("MAX_N", 16), help="choices per prompt"
-    )
-    limits.add_argument(
-        "--max-stop", type=int, default=_env_int("MAX_STOP", 16), help="stop strings per request"
-    )
-    limits.add_argument(
-        "--max-stop-chars",
-        type=int,
-        default=_env_int("MAX_STOP_CHARS", 256),
-        help="characters per stop string",
-    )
+    _int_option(limits, "--max-body-bytes", 4 * 2**20)
+    _int_option(limits, "--max-n", 16, "choices per prompt")
+    _int_option(limits, "--max-stop", 16, "stop strings per request")
+    _int_option(limits, "--max-stop-chars", 256, "characters per stop string")
     serve.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "info"),
