@@ -653,9 +653,12 @@ class Engine:
         self.stats.row_rounds += len(batch)
         self.stats.drafted += sum(row_gamma)
         self.stats.accepted += sum(accepted_counts)
+        rejected = [accepted_counts[i] < row_gamma[i] for i in range(len(batch))]
+        self.stats.rejections += sum(rejected)
         for index in plan.lookups:
             self.stats.ngram_drafted += row_gamma[index]
             self.stats.ngram_accepted += accepted_counts[index]
+            self.stats.ngram_rejections += rejected[index]
         self.stats.generated_tokens += sum(emitted_counts)
         if self.on_round is not None:
             self.on_round(

@@ -27,6 +27,10 @@ class EngineStats:
     accepted: int = 0
     ngram_drafted: int = 0  # the share of drafted/accepted that came from prompt lookup
     ngram_accepted: int = 0
+    # Row-rounds whose drafts a rejection cut short (of them, by prompt lookup): with the
+    # accepted counts, the evidence for the per-token acceptance probability (engine/gamma.py).
+    rejections: int = 0
+    ngram_rejections: int = 0
     row_rounds: int = 0  # sum over rounds of the batch size
     generated_tokens: int = 0
     prompt_tokens: int = 0
@@ -39,13 +43,19 @@ class EngineStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
     def model_acceptance(self, prior: float, weight: float = 20.0) -> float:
-        """Acceptance of the draft model's own proposals, starting from ``prior`` (worth
-        ``weight`` drafts) so that a few early rejections cannot condemn the draft."""
-        drafted = self.drafted - self.ngram_drafted
-        return (self.accepted - self.ngram_accepted + weight * prior) / (drafted + weight)
+        """Per-token acceptance probability of the draft model's own proposals, the alpha of
+        engine/gamma.py: successes over successes plus rejections, starting from ``prior``
+        (worth ``weight`` observations) so that a few early rejections cannot condemn the
+        draft. Not accepted / drafted: the tokens after a rejection are never judged, so that
+        ratio falls with gamma (0.28 at gamma 8 on Spec-Bench where alpha was 0.71)."""
+        accepted = self.accepted - self.ngram_accepted
+        rejections = self.rejections - self.ngram_rejections
+        return (accepted + weight * prior) / (accepted + rejections + weight)
 
     def ngram_acceptance(self, prior: float, weight: float = 20.0) -> float:
-        return (self.ngram_accepted + weight * prior) / (self.ngram_drafted + weight)
+        """model_acceptance for prompt-lookup proposals."""
+        accepted, rejections = self.ngram_accepted, self.ngram_rejections
+        return (accepted + weight * prior) / (accepted + rejections + weight)
 
     @property
     def mean_accepted_per_round(self) -> float:

@@ -68,8 +68,10 @@ def test_greedy_speculation_is_token_identical(
     assert eng.stats.drafted > 0
     if draft_kind == "same":
         assert eng.stats.acceptance_rate == 1.0
+        assert eng.stats.rejections == 0
     else:
         assert eng.stats.acceptance_rate < 0.2
+        assert eng.stats.rejections > 0
 
 
 def test_partial_acceptance_with_mixed_row_gammas() -> None:
