@@ -132,7 +132,9 @@ def forward_times(engine: Engine, context: int = 200, calls: int = 10) -> str:
     runners = [("target", engine.target)]
     if engine.proposer is not None:
         runners.append(("draft", engine.proposer.runner))
-    shapes = [(1, 1), (1, 4), (4, 1)]  # (rows, tokens per row)
+    # (rows, tokens per row): a batch-1 round's draft steps take 1-2 tokens, its verify ~5.
+    shapes = [(1, 1), (1, 2), (1, 4), (2, 1), (4, 1), (8, 1)]
+    shapes = [(r, t) for r, t in shapes if r <= engine.config.max_slots]
     lines = ["| model | " + " | ".join(f"{r} row x {t} tok" for r, t in shapes) + " |"]
     lines.append("|---" * (len(shapes) + 1) + "|")
     for name, runner in runners:
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adaptive-gamma", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--draft-window", type=int, default=256)
     parser.add_argument("--prompt-lookup", type=int, default=3, help="0 = off")
-    parser.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--draft-weights", choices=["bf16", "int8", "int4"], default="int4")
     parser.add_argument(
         "--fused-decoder",
         action=argparse.BooleanOptionalAction,
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,
         prompt_lookup=args.prompt_lookup,
-        draft_int8=args.draft_int8,
+        draft_weights=args.draft_weights,
     )
     if args.agreement is not None:
         windows = [int(w) for w in args.agreement.split(",")]
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(draft_agreement(engine, tokenized, windows, args.max_tokens))
         return 0
     if args.forwards:
-        timing = replace(spec_config, adaptive_gamma=False, max_slots=4, max_len=max(max_len, 256))
+        timing = replace(spec_config, adaptive_gamma=False, max_slots=8, max_len=max(max_len, 256))
         print(forward_times(Engine(target.model, draft.model, timing, target.tokenizer)))
         return 0
     baseline = Engine(target.model, None, config, target.tokenizer)

@@ -93,13 +93,14 @@ def padding_groups(rows: list[Row], length: Callable[[Row], int]) -> list[list[R
     return groups
 
 
-def use_cpu_kernels(model: PreTrainedModel, eager_attention: bool, int8: bool = False) -> int:
-    """Swaps in the CPU bf16 GEMM kernel; returns how many linears were patched (0 when the
-    model is not bf16 on a CPU, or the kernel cannot be built here)."""
+def use_cpu_kernels(model: PreTrainedModel, eager_attention: bool, weights: str = "bf16") -> int:
+    """Swaps in the CPU bf16 GEMM kernel (with ``weights`` "int8" / "int4", quantised copies of
+    the weights for few-row forwards: drafts only); returns how many linears were patched (0 when
+    the model is not bf16 on a CPU, or the kernel cannot be built here)."""
     parameter = next(model.parameters())
     if parameter.device.type != "cpu" or parameter.dtype != torch.bfloat16:
         return 0
-    patched = patch_model(model, int8=int8)
+    patched = patch_model(model, weights=weights)
     if patched and eager_attention:
         # SDPA's CPU kernel is not batch-invariant; ours and eager attention are, so a verify
         # forward gives the very logits one-token decoding would (greedy output identical bit
@@ -160,7 +161,7 @@ class Engine:
         if config.cpu_kernels:
             use_cpu_kernels(target, eager_attention=True)
             if draft is not None:
-                use_cpu_kernels(draft, eager_attention=False, int8=config.draft_int8)
+                use_cpu_kernels(draft, eager_attention=False, weights=config.draft_weights)
         fused = config.cpu_kernels and config.fused_decoder
         self.target = ModelRunner(target, config.max_slots, capacity, fused=fused)
         if target.config._attn_implementation in ("eager", cpu_attention.NAME):

@@ -26,6 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from engine.cpu_linear import (
     INT8_BLOCK,
     FastLinear,
+    Int4Linear,
     Int8Linear,
     concatenate,
     in_prompt_gemm,
@@ -173,7 +174,7 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-STEP_FIELDS = 19  # pointers per layer in the step's table (engine/csrc/decoder_step.c)
+STEP_FIELDS = 23  # pointers per layer in the step's table (engine/csrc/decoder_step.c)
 
 
 class _StepTable:
@@ -232,6 +233,10 @@ class _StepTable:
                         pointers += [tensor(linear.packed, None), tensor(linear.scale, None)]
                     else:
                         pointers += [None, None]
+                    if isinstance(linear, Int4Linear):
+                        pointers.append(tensor(linear.packed4, None))
+                    else:
+                        pointers.append(None)
                     if linear is qkv:
                         pointers.append(None if qkv.bias is None else tensor(qkv.bias))
                     elif linear.bias is not None:
@@ -264,6 +269,7 @@ class _StepTable:
             head_dim,
             cache.capacity,
             Int8Linear.MAX_ROWS,
+            Int4Linear.INT4_ROWS,
         ]
         return cls(sizes, pointers, eps, final_norm, decoder.final_eps, float(attn0.scaling))
 

@@ -109,10 +109,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--cpu-kernels",
         "CPU bf16: use specserve's GEMM kernel and eager attention (default on)",
     )
-    _switch(
-        group,
-        "--draft-int8",
-        "with the CPU kernels, draft decode steps use int8 weights (default on)",
+    group.add_argument(
+        "--draft-weights",
+        default=_env("DRAFT_WEIGHTS", "int4"),
+        choices=["bf16", "int8", "int4"],
+        help="with the CPU kernels, the weights draft decode steps stream: the model's bf16, "
+        "int8, or int4 in groups of 32 (default int4)",
     )
     _switch(
         group,
@@ -142,7 +144,7 @@ def build_engine(args: argparse.Namespace):
         device=args.device,
         num_threads=args.threads or None,
         cpu_kernels=args.cpu_kernels,
-        draft_int8=args.draft_int8,
+        draft_weights=args.draft_weights,
         prefix_cache=args.prefix_cache,
         draft_vocab=args.draft_vocab,
         adaptive_gamma=args.adaptive_gamma,

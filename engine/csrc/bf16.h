@@ -49,6 +49,11 @@ static inline float hsum(__m256 v) {
 /* Which linear kernels run (linear_bf16.c's specserve_set_isa): 0 AVX2, 1 AVX512. */
 extern int specserve_isa_level;
 
+/* Activations for the integer kernels (linear_int8.c): row m of x as int8 blocks of 32 columns
+ * xq[K] with one fp32 scale each, xd[K / 32]. */
+void specserve_quantize_row(const void *x, int bf16_io, int64_t m, int64_t K, int8_t *xq,
+                            float *xd);
+
 /* The bf16 linear kernels' shared outer loop (linear_bf16.c). */
 #define PANEL 64     /* rows of x per pass over w: bounds scratch and keeps the x in use cached */
 #define MAX_BLOCK 24 /* the most weight rows per work item of any bf16 kernel */

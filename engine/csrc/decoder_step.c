@@ -19,6 +19,8 @@ int specserve_linear_bf16(const void *x, const uint16_t *w, const void *bias, vo
                           int64_t N, int64_t K, int bf16_io, int threads);
 int specserve_linear_int8(const void *x, const int8_t *w, const float *scale, const void *bias,
                           void *y, int64_t M, int64_t N, int64_t K, int bf16_io, int threads);
+int specserve_linear_int4(const void *x, const uint8_t *w, const void *bias, void *y, int64_t M,
+                          int64_t N, int64_t K, int bf16_io, int threads);
 int specserve_add_rms_norm(uint16_t *x, const uint16_t *delta, const uint16_t *w, uint16_t *out,
                            int64_t rows, int64_t dim, float eps, int threads);
 int specserve_rope(uint16_t *x, int64_t ldx, const uint16_t *cos, const uint16_t *sin,
@@ -33,24 +35,31 @@ int specserve_attention_bf16(const uint16_t *q, int64_t q_sb, int64_t q_sh, int6
                              float scale, int threads);
 
 /* Per layer, in this order in the pointer table (NULL where absent). A linear is its weight
- * (bf16 row-major [N, K]) and, when the int8 kernel may take it, the packed int8 weight and row
- * scales (cpu_linear.pack_int8), used for inputs of at most sizes[INT8_ROWS] rows: the rules
- * of Int8Linear, which the Python side applies when it fills the table. */
+ * (bf16 row-major [N, K]), when the int8 kernel may take it the packed int8 weight and row
+ * scales (cpu_linear.pack_int8), used for inputs of at most sizes[INT8_ROWS] rows, and when it
+ * has one its int4 copy (cpu_linear.pack_int4, scales inside), used for inputs of at most
+ * sizes[INT4_ROWS] rows: the rules of Int8Linear and Int4Linear, which the Python side applies
+ * when it fills the table. */
 enum {
-    QKV_W, QKV_Q, QKV_S, QKV_B,
-    O_W, O_Q, O_S,
-    GU_W, GU_Q, GU_S,
-    DOWN_W, DOWN_Q, DOWN_S,
+    QKV_W, QKV_Q, QKV_S, QKV_Q4, QKV_B,
+    O_W, O_Q, O_S, O_Q4,
+    GU_W, GU_Q, GU_S, GU_Q4,
+    DOWN_W, DOWN_Q, DOWN_S, DOWN_Q4,
     IN_NORM, POST_NORM, Q_NORM, K_NORM,
     K_CACHE, V_CACHE,
     FIELDS
 };
 /* Sizes: hidden, q width, kv width, intermediate, heads, kv heads, head dim, cache capacity,
- * most rows an int8 linear takes. */
-enum { HIDDEN, Q_SIZE, KV_SIZE, INTER, HEADS, KV_HEADS, HEAD_DIM, CAPACITY, INT8_ROWS, SIZES };
+ * most rows an int8 linear takes, most rows an int4 linear takes. */
+enum {
+    HIDDEN, Q_SIZE, KV_SIZE, INTER, HEADS, KV_HEADS, HEAD_DIM, CAPACITY, INT8_ROWS, INT4_ROWS,
+    SIZES
+};
 
 static int project(void *const *f, int w, const int64_t *sizes, const uint16_t *x, uint16_t *y,
                    int64_t M, int64_t N, int64_t K, const void *bias, int threads) {
+    if (f[w + 3] != NULL && M <= sizes[INT4_ROWS])
+        return specserve_linear_int4(x, f[w + 3], bias, y, M, N, K, 1, threads);
     if (f[w + 1] != NULL && M <= sizes[INT8_ROWS])
         return specserve_linear_int8(x, f[w + 1], f[w + 2], bias, y, M, N, K, 1, threads);
     return specserve_linear_bf16(x, f[w], bias, y, M, N, K, 1, threads);

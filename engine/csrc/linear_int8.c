@@ -34,9 +34,10 @@
 #define BLOCK 32
 #define PF_AHEAD 2048 /* bytes ahead in the packed stream */
 
-/* Row m of x as int8 blocks xq and their scales xd: xd[b] * xq[b*32 + i] ~ x[m*K + b*32 + i]. */
-static void quantize_row(const void *x, int bf16_io, int64_t m, int64_t K, int8_t *xq,
-                         float *xd) {
+/* Row m of x as int8 blocks xq and their scales xd: xd[b] * xq[b*32 + i] ~ x[m*K + b*32 + i].
+ * Shared with the int4 kernel (bf16.h), so both quantise activations identically. */
+void specserve_quantize_row(const void *x, int bf16_io, int64_t m, int64_t K, int8_t *xq,
+                            float *xd) {
     for (int64_t b = 0; b < K / BLOCK; b++) {
         float v[BLOCK], amax = 0.0f;
         for (int i = 0; i < BLOCK; i++) {
@@ -100,7 +101,8 @@ int specserve_linear_int8(const void *x, const int8_t *w, const float *scale, co
         free(xd);
         return -1;
     }
-    for (int64_t m = 0; m < M; m++) quantize_row(x, bf16_io, m, K, xq + m * K, xd + m * blocks);
+    for (int64_t m = 0; m < M; m++)
+        specserve_quantize_row(x, bf16_io, m, K, xq + m * K, xd + m * blocks);
     if (specserve_isa_level > 0) {
         const int status =
             specserve_linear_int8_vnni(xq, xd, w, scale, bias, y, M, N, K, bf16_io, threads);

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from engine import cpu_linear
-from engine.cpu_linear import FastLinear, Int8Linear, linear, patch_model
+from engine.cpu_linear import FastLinear, Int4Linear, Int8Linear, linear, patch_model
 from tests.engine.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(
@@ -332,10 +332,187 @@ def test_int8_linear_runs_long_inputs_on_the_bf16_weights() -> None:
 
 def test_patch_model_int8_for_drafts() -> None:
     model = _tiny_qwen2(True)
-    assert patch_model(model, int8=True) == 2 * 7 + 1
+    assert patch_model(model, weights="int8") == 2 * 7 + 1
     head = model.get_output_embeddings()
     assert isinstance(head, cpu_linear.Int8Linear)
     assert head.weight is model.get_input_embeddings().weight
+
+
+def test_quantize_int4_error_bound_and_grid_values_exact() -> None:
+    g = torch.Generator().manual_seed(11)
+    weight = (torch.randn(300, 96, generator=g) * torch.rand(300, 1, generator=g)).bfloat16()
+    weight[7, 32:64] = 0.25  # a constant group: d = 0, every value exact through m
+    q, d, m = cpu_linear.quantize_int4(weight, chunk=128)
+    assert q.dtype == torch.uint8 and q.shape == (300, 96) and int(q.max()) == 15
+    assert d.dtype == m.dtype == torch.float16 and d.shape == m.shape == (300, 3)
+    groups = weight.float().reshape(300, 3, 32)
+    restored = q.float().reshape(300, 3, 32) * d.float()[..., None] + m.float()[..., None]
+    # Half a step, plus what rounding d and m to fp16 can add at the group's extremes.
+    bound = d.float()[..., None] / 2 + groups.abs().amax(-1, keepdim=True) * 2**-9 + 1e-7
+    assert ((restored - groups).abs() <= bound).all()
+    assert d[7, 1] == 0 and (restored[7, 1] == 0.25).all()
+    # Values already on a grid of fp16 d and m (0 and 15 in every group) come back exactly.
+    levels = torch.randint(0, 16, (40, 64), generator=g)
+    levels[:, 0], levels[:, 1], levels[:, 32], levels[:, 33] = 0, 15, 0, 15
+    step = torch.tensor([2.0**-6, 3 * 2.0**-7]).repeat(40, 1)
+    low = torch.tensor([-0.125, -0.3125]).repeat(40, 1)
+    grid = levels.float().reshape(40, 2, 32) * step[..., None] + low[..., None]
+    q, d, m = cpu_linear.quantize_int4(grid.reshape(40, 64).bfloat16())
+    assert torch.equal(q.long(), levels)
+    assert torch.equal(d.float(), step) and torch.equal(m.float(), low)
+    with pytest.raises(ValueError, match="whole blocks"):
+        cpu_linear.quantize_int4(torch.zeros(4, 40).bfloat16())
+
+
+def test_pack_int4_layout_and_round_trip() -> None:
+    g = torch.Generator().manual_seed(12)
+    q = torch.randint(0, 16, (6, 64), generator=g).to(torch.uint8)
+    d = torch.rand(6, 2, generator=g).half()
+    m = -torch.rand(6, 2, generator=g).half()
+    packed = cpu_linear.pack_int4(q, d, m)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 2 * 80)  # 6 rows -> 2 groups
+    block = packed[0, :80]  # group 0, block 0: rows 0|1 and 2|3 as nibbles, then d, then m
+    assert torch.equal(block[:32], q[0, :32] | (q[1, :32] << 4))
+    assert torch.equal(block[32:64], q[2, :32] | (q[3, :32] << 4))
+    assert torch.equal(block[64:72].view(torch.float16), d[:4, 0])
+    assert torch.equal(block[72:80].view(torch.float16), m[:4, 0])
+    assert torch.equal(packed[0, 80:112], q[0, 32:] | (q[1, 32:] << 4))
+    padding = packed[1].view(2, 80)  # group 1: rows 4, 5 and the zero padding rows 6, 7
+    assert (padding[:, 32:64] == 0).all() and (padding[:, 68:72] == 0).all()
+    assert (padding[:, 76:80] == 0).all()
+    got = cpu_linear.unpack_int4(packed, 6)
+    for want, have in zip((q, d, m), got, strict=True):
+        assert torch.equal(have, want)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("n", [4, 13, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_matches_reference(m: int, n: int, dtype: torch.dtype, isa: str) -> None:
+    g = torch.Generator().manual_seed(100 * m + n)
+    k = 96 if n != 13 else 320
+    weight = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
+    q, d, mins = cpu_linear.quantize_int4(weight)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    got = cpu_linear._run_int4(cpu_linear._lib, x, cpu_linear.pack_int4(q, d, mins), n, bias)
+    assert got is not None and got.dtype == dtype and got.shape == (m, n)
+    want = cpu_linear.int4_reference(x.float(), q, d, mins, bias.float())
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance)
+    # And near the bf16 product it stands for (16 levels per group of 32: ~10 % noise).
+    exact = F.linear(x.float(), weight.float())
+    assert (got.float() - bias.float() - exact).norm() < 0.2 * exact.norm()
+
+
+def test_int4_kernel_refuses_what_it_cannot_take() -> None:
+    packed = cpu_linear.pack_int4(*cpu_linear.quantize_int4(torch.randn(8, 64).bfloat16()))
+    too_many = torch.randn(9, 64)  # the kernel's limit: 8 rows
+    assert cpu_linear._run_int4(cpu_linear._lib, too_many, packed, 8, None) is None
+    assert cpu_linear._run_int4(cpu_linear._lib, too_many[:8], packed, 8, None) is not None
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("n", [4, 37, 130])
+def test_int4_kernels_agree_bit_for_bit(m: int, n: int) -> None:
+    """Same exact int32 dot products and the same fp32 operations in the AVX2 and VNNI
+    versions: switching kernels must not move a draft proposal."""
+    if "avx512" not in cpu_linear.supported_isas():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    g = torch.Generator().manual_seed(n * 100 + m)
+    q, d, mins = cpu_linear.quantize_int4(torch.randn(n, 160, generator=g).bfloat16())
+    q[0, :8] = torch.tensor([15, 15, 15, 15, 0, 15, 0, 15], dtype=torch.uint8)  # range ends
+    packed = cpu_linear.pack_int4(q, d, mins)
+    x = torch.randn(m, 160, generator=g).bfloat16()
+    x[0, :8] = torch.tensor([-4.0, -4.0, -4.0, -4.0, 4.0, -4.0, 4.0, -4.0])  # xq = -127, 127
+    bias = torch.randn(n, generator=g)
+    before = cpu_linear.isa()
+    try:
+        results = {}
+        for name in cpu_linear.ISAS:
+            cpu_linear.set_isa(name)
+            results[name] = cpu_linear._run_int4(cpu_linear._lib, x, packed, n, bias)
+    finally:
+        cpu_linear.set_isa(before)
+    assert results["avx2"] is not None
+    assert torch.equal(results["avx2"], results["avx512"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_rows_do_not_depend_on_the_batch_or_threads(dtype: torch.dtype, isa: str) -> None:
+    # Each row's quantisation and accumulator are its own, and threads split weight rows only:
+    # the kernel gives a row the same result alone, batched, on one thread or two.
+    weight = torch.randn(50, 128).bfloat16()
+    packed = cpu_linear.pack_int4(*cpu_linear.quantize_int4(weight))
+    bias = torch.randn(50).to(dtype)
+    x = torch.randn(8, 128).to(dtype)
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        out = cpu_linear._run_int4(cpu_linear._lib, rows, packed, 50, bias)
+        assert out is not None
+        return out
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        batched = run(x)
+        torch.set_num_threads(1)
+        assert torch.equal(run(x), batched)
+        for rows in (slice(0, 1), slice(3, 4), slice(2, 7), slice(7, 8)):
+            assert torch.equal(run(x[rows]), batched[rows])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_int4_linear_takes_int4_for_two_rows_int8_to_eight_bf16_beyond() -> None:
+    base = nn.Linear(64, 24).bfloat16()
+    fast = Int4Linear(base)
+    q, d, m = fast.quantized
+    for rows in (1, Int4Linear.INT4_ROWS):
+        short = torch.randn(rows, 64)
+        want = cpu_linear.int4_reference(short, q, d, m, base.bias)
+        torch.testing.assert_close(fast(short), want, rtol=1e-4, atol=1e-4)
+        assert not torch.equal(fast(short), linear(short, base.weight, base.bias))
+    middle = torch.randn(2, Int4Linear.INT4_ROWS, 64)  # 4 rows: the int8 copy
+    want = cpu_linear.int8_reference(middle, fast.qweight, fast.scale, base.bias)
+    torch.testing.assert_close(fast(middle), want, rtol=1e-4, atol=1e-4)
+    long = torch.randn(Int4Linear.MAX_ROWS + 1, 64)
+    assert torch.equal(fast(long), linear(long, base.weight, base.bias))
+    assert fast.weight is base.weight
+    assert set(fast.state_dict()) == {"weight", "bias"}  # the quantised copies are not saved
+
+
+def test_concatenated_int4_linears_share_the_packed_copy() -> None:
+    x = torch.randn(3, 128).bfloat16()
+    members = [Int4Linear(nn.Linear(128, n).bfloat16()) for n in (64, 40)]
+    want = torch.cat([member(x) for member in members], dim=-1)
+    fused = cpu_linear.concatenate(members)
+    assert isinstance(fused, Int4Linear) and fused.out_features == 104
+    assert torch.equal(fused(x), want)
+    # Whole groups of rows: the members' packed weights are views of the fused one.
+    assert members[1].packed4.data_ptr() == fused.packed4[64 // cpu_linear.INT4_GROUP].data_ptr()
+    assert members[1].packed.data_ptr() == fused.packed[64].data_ptr()
+    one = x[:1]
+    assert torch.equal(fused(one), torch.cat([member(one) for member in members], dim=-1))
+    assert all(
+        torch.equal(mm(x), w) for mm, w in zip(members, want.split([64, 40], -1), strict=True)
+    )
+    odd = [Int4Linear(nn.Linear(128, n).bfloat16()) for n in (6, 10)]
+    want = torch.cat([member(x) for member in odd], dim=-1)
+    fused = cpu_linear.concatenate(odd)
+    assert torch.equal(fused(x), want)  # packed afresh
+    assert torch.equal(fused.quantized[0], torch.cat([member.quantized[0] for member in odd]))
+    assert cpu_linear.concatenate([members[0], Int8Linear(nn.Linear(128, 8).bfloat16())]) is None
+
+
+def test_patch_model_int4_for_drafts() -> None:
+    model = _tiny_qwen2(True)
+    assert patch_model(model, weights="int4") == 2 * 7 + 1
+    head = model.get_output_embeddings()
+    assert isinstance(head, Int4Linear)
+    assert head.weight is model.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="weights must be one of"):
+        patch_model(model, weights="int3")
 
 
 @pytest.mark.parametrize("native", [False, True])

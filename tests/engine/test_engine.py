@@ -310,9 +310,9 @@ def test_bf16_cpu_kernels_keep_speculation_token_identical() -> None:
     assert isinstance(target.get_output_embeddings(), cpu_linear.FastLinear)
     assert target.config._attn_implementation == cpu_attention.NAME
     spec_engine = engine(target, draft, gamma=5)
-    # The draft decodes from int8 weights; the target's are exact.
-    assert isinstance(draft.get_output_embeddings(), cpu_linear.Int8Linear)
-    assert not isinstance(target.get_output_embeddings(), cpu_linear.Int8Linear)
+    # The draft decodes from int4 weights (the default); the target's are exact.
+    assert isinstance(draft.get_output_embeddings(), cpu_linear.Int4Linear)
+    assert type(target.get_output_embeddings()) is cpu_linear.FastLinear
     assert spec_engine.target.prefill_attention == "sdpa"  # prompts go through fast SDPA
     spec = spec_engine.generate(PROMPTS, params)
     # and decoding is back on the batch-invariant kernel
@@ -480,6 +480,14 @@ def test_per_request_proposer_choice() -> None:
     assert sources == {"draft": {False}, "ngram": {True}}
     with pytest.raises(ValueError, match="proposer"):
         SamplingParams(proposer="magic")
+
+
+def test_draft_weights_are_validated() -> None:
+    assert EngineConfig().draft_weights == "int4"
+    for kind in ("bf16", "int8", "int4"):
+        assert EngineConfig(draft_weights=kind).draft_weights == kind
+    with pytest.raises(ValueError, match="draft_weights must be one of bf16, int8, int4"):
+        EngineConfig(draft_weights="int2")
 
 
 def test_adaptive_gamma_probes_a_row_it_stopped_drafting() -> None:

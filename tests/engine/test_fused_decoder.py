@@ -128,12 +128,12 @@ def test_fused_forward_gives_the_modules_logits(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("int8", [False, True])
-def test_c_step_is_the_python_layer_loop_bit_for_bit(arch: str, int8: bool, isa: str) -> None:
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_c_step_is_the_python_layer_loop_bit_for_bit(arch: str, weights: str, isa: str) -> None:
     torch.manual_seed(3)
     config = tiny_config(arch, layers=2, hidden=128)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    patch_model(model, int8=int8)
+    patch_model(model, weights=weights)
     model.set_attn_implementation(cpu_attention.NAME)
     model.requires_grad_(False)
     step = ModelRunner(model, num_slots=3, capacity=64)
@@ -141,8 +141,8 @@ def test_c_step_is_the_python_layer_loop_bit_for_bit(arch: str, int8: bool, isa:
     assert step.fused is not None and loop.fused is not None
     loop.fused.use_step = False
     prompts = RaggedBatch([[5, 6, 7, 8, 9, 10, 11], [3, 4, 12]], [2, 0], [0, 0], [7, 3])
-    # Slots out of order (the gather path), ragged widths, then one decode row; int8 weights
-    # serve up to 8 tokens, the bf16 ones more (the 3 x 3 verify).
+    # Slots out of order (the gather path), ragged widths, then one decode row; int4 copies
+    # serve up to 2 tokens (the decode row), int8 ones up to 8 (the 2 x 3), bf16 more (3 x 3).
     forwards = [
         RaggedBatch([[40, 41, 42], [43]], [2, 0], [7, 3], [3, 1]),
         RaggedBatch([[44]], [0], [4], [1]),

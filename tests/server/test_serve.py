@@ -101,3 +101,9 @@ def test_engine_settings_come_from_flags_and_environment(
     assert config(["--prefill-chunk", "7"]).prefill_chunk == 7
     monkeypatch.setenv("SPECSERVE_PREFILL_CHUNK", "0")
     assert config([]).prefill_chunk == 0
+    assert config([]).draft_weights == "int4"
+    assert config(["--draft-weights", "int8"]).draft_weights == "int8"
+    monkeypatch.setenv("SPECSERVE_DRAFT_WEIGHTS", "bf16")
+    assert config([]).draft_weights == "bf16"
+    with pytest.raises(SystemExit):
+        config(["--draft-weights", "int2"])
