@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from engine import cpu_linear
-from engine.config import EngineConfig, SamplingParams
+from engine.config import DRAFT_WEIGHTS, EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.loader import LoadedModel, load_pair
 from engine.runner import RaggedBatch
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adaptive-gamma", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--draft-window", type=int, default=256)
     parser.add_argument("--prompt-lookup", type=int, default=3, help="0 = off")
-    parser.add_argument("--draft-weights", choices=["bf16", "int8", "int4"], default="int4")
+    parser.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="int4")
     parser.add_argument(
         "--fused-decoder",
         action=argparse.BooleanOptionalAction,

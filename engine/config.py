@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PROPOSERS = ("auto", "draft", "ngram")
-DRAFT_WEIGHTS = ("bf16", "int8", "int4")  # cpu_linear.WEIGHT_KINDS
+DRAFT_WEIGHTS = ("bf16", "int8", "int4")  # the weights a draft may decode on (cpu_linear)
 
 
 @dataclass(frozen=True)

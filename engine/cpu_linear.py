@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import DRAFT_WEIGHTS
+
 log = logging.getLogger("specserve.cpu_linear")
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -585,17 +587,21 @@ class Int8Linear(FastLinear):
         """The int8 weight [N, K], row-major (a copy)."""
         return unpack_int8(self.packed, self.out_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lib = _lib
-        if (
-            lib is not None
-            and x.dtype in _IO_DTYPES
+    def _fits(self, x: torch.Tensor, max_rows: int) -> bool:
+        """Whether a quantised kernel can take ``x``: CPU fp32/bf16 rows of whole activation
+        blocks, 1 to ``max_rows`` of them, no autograd."""
+        return (
+            x.dtype in _IO_DTYPES
             and x.is_cpu
             and x.shape[-1] == self.in_features
             and self.in_features % INT8_BLOCK == 0
-            and 0 < x.numel() <= self.MAX_ROWS * self.in_features
+            and 0 < x.numel() <= max_rows * self.in_features
             and not (torch.is_grad_enabled() and x.requires_grad)
-        ):
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = _lib
+        if lib is not None and self._fits(x, self.MAX_ROWS):
             y = _run_int8(lib, x, self.packed, self.out_features, self.scale, self.bias)
             if y is not None:
                 return y
@@ -629,14 +635,7 @@ class Int4Linear(Int8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = _lib
-        if (
-            lib is not None
-            and x.dtype in _IO_DTYPES
-            and x.is_cpu
-            and x.shape[-1] == self.in_features
-            and 0 < x.numel() <= self.INT4_ROWS * self.in_features
-            and not (torch.is_grad_enabled() and x.requires_grad)
-        ):
+        if lib is not None and self._fits(x, self.INT4_ROWS):
             y = _run_int4(lib, x, self.packed4, self.out_features, self.bias)
             if y is not None:
                 return y
@@ -716,9 +715,6 @@ def _eligible(module: nn.Module) -> bool:
     )
 
 
-WEIGHT_KINDS = ("bf16", "int8", "int4")
-
-
 def patch_model(model: nn.Module, weights: str = "bf16") -> int:
     """Swap every bf16 CPU ``nn.Linear`` in ``model`` (LM head included) for a ``FastLinear``,
     or with ``weights`` "int8" / "int4" an ``Int8Linear`` / ``Int4Linear`` (for draft models,
@@ -727,8 +723,8 @@ def patch_model(model: nn.Module, weights: str = "bf16") -> int:
     Returns the number of modules replaced; 0 when the kernel is unavailable. Layers of other
     types, such as GPT-2's transposed ``Conv1D``, keep torch's implementation.
     """
-    if weights not in WEIGHT_KINDS:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHT_KINDS)}, got {weights!r}")
+    if weights not in DRAFT_WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(DRAFT_WEIGHTS)}, got {weights!r}")
     if not available():
         return 0
     # Collect first: replacing children while named_modules() walks them is unsafe.

@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from engine.config import DRAFT_WEIGHTS
+
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"SPECSERVE_{name}", default)
@@ -112,7 +114,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--draft-weights",
         default=_env("DRAFT_WEIGHTS", "int4"),
-        choices=["bf16", "int8", "int4"],
+        choices=DRAFT_WEIGHTS,
         help="with the CPU kernels, the weights draft decode steps stream: the model's bf16, "
         "int8, or int4 in groups of 32 (default int4)",
     )
