@@ -210,9 +210,7 @@ class Engine:
 
         started = time.perf_counter()
         limit = min(capacity, self.config.max_slots * (self.gamma + 1))
-        costs = CostModel(
-            target=measure(verify, calibration_sizes(limit)),
-        )
+        costs = CostModel(target=measure(verify, calibration_sizes(limit)), learn=True)
         if self.proposer is not None:
             sizes = calibration_sizes(min(capacity, self.config.max_slots))
             costs.draft = measure(draft, sizes)
@@ -423,6 +421,9 @@ class Engine:
         model_prior = self.stats.model_acceptance(0.7)
         ngram_prior = self.stats.ngram_acceptance(0.5)
         candidates: list[int] = []
+        # The round so far, for prompt lookup's choices at the margin: every row verifies at
+        # least its last token and emits one.
+        round_tokens, round_emitted = len(batch), float(len(batch))
         # Judged at the batch size the queued requests are about to make.
         soon = min(self.config.max_slots, len(batch) + len(self.scheduler.waiting))
         for index, request in enumerate(batch):
@@ -440,13 +441,17 @@ class Engine:
             if proposal:
                 alpha = request.ngram_acceptance.alpha(ngram_prior)
                 rows = len(batch)
-                length, rate = best_lookup_length(alpha, len(proposal), self.costs, rows)
+                length, rate = best_lookup_length(
+                    alpha, len(proposal), self.costs, round_tokens, round_emitted
+                )
                 if length > 0 and (
                     not use_model
                     or self._lookup_beats_model(request, rate, alpha, model_prior, rows)
                 ):
                     plan.lookups[index] = proposal[:length]
                     plan.row_gamma[index] = length
+                    round_tokens += length
+                    round_emitted += expected_tokens(alpha, length) - 1.0
                     continue
             if use_model:
                 candidates.append(index)
@@ -613,6 +618,8 @@ class Engine:
                 target_logits, verdict.tokens, [r.params.logprobs for r in batch]
             )
         t2 = time.perf_counter()
+        if self.costs is not None:
+            self.costs.observe_verify(sum(row_gamma) + len(batch), t2 - t1)
 
         outputs, emitted_counts = [], []
         drafted_by_model = set(plan.draft_rows)

@@ -10,9 +10,11 @@ then when it has fallen so low that the row stopped drafting. A row then gains
     E(g) = (1 - alpha^(g + 1)) / (1 - alpha)    tokens per round (the target's own token included)
 
 and a round over B rows costs g draft steps plus one verify over B * (g + 1) tokens. Both costs
-are measured once at start-up for the engine's shapes: on a memory-bound CPU a 5-token verify
-costs about as much as a 1-token one, but once the batch is large it does not, so the best
-gamma shrinks with load down to 0 (plain decoding) where speculation stops paying.
+are measured at start-up for the engine's shapes: on a memory-bound CPU a 5-token verify costs
+about as much as a 1-token one, but once the batch is large it does not, so the best gamma
+shrinks with load down to 0 (plain decoding) where speculation stops paying. Start-up timings
+are taken at an empty context on a machine that may be busy; every round's verify time then
+corrects the table, so decisions follow what rounds really cost.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
+# Weight of a round's measured verify time against the table's entry for its token count.
+LEARN_RATE = 0.2
+
+
 @dataclass
 class CostModel:
     """Seconds per forward as a function of the tokens it carries, by linear interpolation."""
@@ -61,6 +67,23 @@ class CostModel:
     draft: dict[int, float] = field(default_factory=dict)
     # Seconds per token of copying context into a draft slot (a prompt-style forward).
     draft_catch_up: float = 0.0
+    # Whether observe_verify refines the target table (off for hand-written tables).
+    learn: bool = False
+
+    def observe_verify(self, tokens: int, seconds: float) -> None:
+        """Folds one round's verify time into the table: calibration ran at an empty context,
+        where attention is free, and a noisy start-up can misjudge a size by half. The table
+        stays non-decreasing in tokens, so more tokens never look cheaper."""
+        if not self.learn:
+            return
+        old = self.target.get(tokens)
+        if old is None:
+            old = self._lookup(self.target, tokens)
+        value = old + LEARN_RATE * (seconds - old)
+        self.target[tokens] = value
+        for size, cost in self.target.items():
+            if (size < tokens and cost > value) or (size > tokens and cost < value):
+                self.target[size] = value
 
     @staticmethod
     def _lookup(table: dict[int, float], tokens: int) -> float:
@@ -86,8 +109,11 @@ class CostModel:
         return verify + gamma * self._lookup(self.draft, rows)
 
 
-def measure(forward: Callable[[int], None], sizes: list[int], repeats: int = 2) -> dict[int, float]:
-    """Best-of-``repeats`` wall time of ``forward(tokens)`` for each size."""
+def measure(forward: Callable[[int], None], sizes: list[int], repeats: int = 3) -> dict[int, float]:
+    """Best-of-``repeats`` wall time of ``forward(tokens)`` for each size, after one untimed
+    call (the first forward of a shape pays for allocation and cold caches), made
+    non-decreasing: a larger forward that timed faster bounds the smaller ones."""
+    forward(sizes[0])
     table = {}
     for size in sizes:
         best = float("inf")
@@ -96,6 +122,8 @@ def measure(forward: Callable[[int], None], sizes: list[int], repeats: int = 2) 
             forward(size)
             best = min(best, time.perf_counter() - started)
         table[size] = best
+    for smaller, larger in reversed(list(zip(sizes, sizes[1:], strict=False))):
+        table[smaller] = min(table[smaller], table[larger])
     return table
 
 
@@ -105,18 +133,24 @@ def calibration_sizes(limit: int) -> list[int]:
 
 
 def best_lookup_length(
-    alpha: float, available: int, costs: CostModel | None, rows: int = 1
+    alpha: float,
+    available: int,
+    costs: CostModel | None,
+    round_tokens: int = 1,
+    round_emitted: float = 1.0,
 ) -> tuple[int, float]:
-    """How many of ``available`` prompt-lookup tokens one row should verify (0: none), and the
-    expected tokens per second of that choice. The lookup itself is free; a row's share of a
-    verify over ``rows`` rows, all assumed to carry as many tokens, is what it costs, so at a
-    large batch, where extra verify tokens are dear, fewer (or no) copied tokens pay."""
+    """How many of ``available`` prompt-lookup tokens one row should add (0: none) to a round
+    that so far verifies ``round_tokens`` tokens and expects to emit ``round_emitted``, and the
+    round's expected tokens per second with that choice. The lookup itself is free; what it
+    costs is the growth of the verify forward by its tokens, which at a large batch, where the
+    forward is already full, is dear: judged at the margin, so each row's choice pays for
+    itself whatever the other rows chose."""
     if costs is None:
         return available, 0.0
-    best, best_rate = 0, rows / costs.verify_seconds(rows)
+    best, best_rate = 0, round_emitted / costs.verify_seconds(round_tokens)
     for length in range(1, available + 1):
-        share = costs.verify_seconds(rows * (length + 1)) / rows
-        rate = expected_tokens(alpha, length) / share
+        emitted = round_emitted + expected_tokens(alpha, length) - 1.0
+        rate = emitted / costs.verify_seconds(round_tokens + length)
         if rate > best_rate:
             best, best_rate = length, rate
     return best, best_rate

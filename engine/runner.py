@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from engine.cpu_linear import prompt_gemm
+from engine.cpu_linear import in_prompt_gemm, prompt_gemm
 from engine.fused_decoder import FusedDecoder
 from engine.kv_cache import SlotKVCache
 
@@ -85,6 +85,19 @@ class ModelRunner:
             finally:
                 self.model.set_attn_implementation(decode_attention)
 
+    def _packs(self, batch: RaggedBatch, width: int) -> bool:
+        """Whether to run a ragged decode/verify batch one token per row. Padding a short row
+        to the longest costs its padded tokens in every matrix product (8 rows where one
+        verifies 9 tokens would run 72); the fused forward treats each token alone, so one row
+        per token gives bit-identical outputs at the cost of the real tokens only. Prompts keep
+        their rows: their GEMM and attention want long ones."""
+        return (
+            self.fused is not None
+            and width > 1
+            and sum(batch.num_new) < len(batch.slots) * width
+            and not in_prompt_gemm()
+        )
+
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch, output: str = "last") -> torch.Tensor | None:
         """Runs the batch and returns, by ``output``: "last" logits [B, V] at each row's last real
@@ -98,6 +111,32 @@ class ModelRunner:
             width = max(len(t) for t in batch.tokens)
             padded = [t + [0] * (width - len(t)) for t in batch.tokens]
             input_ids = self._device_ints(padded).view(rows, width)
+        num_new = self._device_ints(batch.num_new)
+        if self._packs(batch, width):
+            real = torch.arange(width, device=self.device)[None, :] < num_new[:, None]
+            tokens = RaggedBatch(
+                input_ids[real].view(-1, 1),
+                [s for s, n in zip(batch.slots, batch.num_new, strict=True) for _ in range(n)],
+                [s + i for s, n in zip(batch.starts, batch.num_new, strict=True) for i in range(n)],
+                [1] * int(real.sum()),
+            )
+            packed = self._hidden(tokens.tokens, tokens, 1)
+            hidden = packed.new_zeros((rows, width, packed.shape[-1]))
+            hidden[real] = packed[:, 0]
+        else:
+            hidden = self._hidden(input_ids, batch, width)
+        if output == "all":
+            return self.lm_head(hidden).float()
+        if output == "hidden":
+            return hidden
+        if output == "none":
+            return None
+        picked = hidden[torch.arange(rows, device=self.device), num_new - 1]
+        return self.lm_head(picked).float()
+
+    def _hidden(self, input_ids: torch.Tensor, batch: RaggedBatch, width: int) -> torch.Tensor:
+        """The final hidden states [B, T, H] of ``input_ids`` [B, T], K/V written to the slots."""
+        rows = len(batch.slots)
         starts = self._device_ints(batch.starts)
         num_new = self._device_ints(batch.num_new)
         slots = self._device_ints(batch.slots)
@@ -120,20 +159,11 @@ class ModelRunner:
             contiguous = batch.slots[0]
         self.cache.plan(write_slot, write_pos, slots, read_len, contiguous)
         if self.fused is not None:
-            hidden = self.fused(input_ids, mask[:, None], position_ids, self.cache)
-        else:
-            hidden = self.body(
-                input_ids=input_ids,
-                attention_mask=mask[:, None],
-                position_ids=position_ids,
-                past_key_values=self.cache,
-                use_cache=True,
-            ).last_hidden_state
-        if output == "all":
-            return self.lm_head(hidden).float()
-        if output == "hidden":
-            return hidden
-        if output == "none":
-            return None
-        picked = hidden[torch.arange(rows, device=self.device), num_new - 1]
-        return self.lm_head(picked).float()
+            return self.fused(input_ids, mask[:, None], position_ids, self.cache)
+        return self.body(
+            input_ids=input_ids,
+            attention_mask=mask[:, None],
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+        ).last_hidden_state

@@ -115,8 +115,9 @@ def test_fused_forward_gives_the_modules_logits(arch: str) -> None:
     step = RaggedBatch([[40, 41], [42]], [0, 1], [7, 3], [2, 1])
     for batch in (prompts, step):
         got, want = fused.forward(batch, "all"), modules.forward(batch, "all")
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        real = torch.arange(got.shape[1])[None, :] < torch.tensor(batch.num_new)[:, None]
+        torch.testing.assert_close(got[real], want[real], rtol=2e-2, atol=2e-2)
+        assert torch.equal(got[real].argmax(-1), want[real].argmax(-1))
     # and it wrote the same K/V into the slots
     for layer in range(2):
         torch.testing.assert_close(
@@ -177,6 +178,38 @@ def test_fused_forward_is_batch_invariant(isa: str) -> None:
         for i, t in enumerate([30, 31, 32])
     ]
     assert torch.equal(together[0], torch.stack(one_by_one))
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int4"])
+def test_ragged_forward_packs_one_token_per_row_with_the_padded_outputs(weights: str) -> None:
+    """A row verifying 6 tokens beside rows of one must not pad them all to 6 (every matrix
+    product would carry the padding); packed, the real tokens' logits and K/V are bit for bit
+    the padded forward's."""
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2", layers=2, hidden=128),
+                                             dtype=torch.bfloat16).eval()  # fmt: skip
+    patch_model(model, weights=weights)
+    model.set_attn_implementation(cpu_attention.NAME)
+    model.requires_grad_(False)
+    packed, padded = (ModelRunner(model, num_slots=3, capacity=64) for _ in range(2))
+    padded._packs = lambda batch, width: False  # type: ignore[method-assign]
+    prompts = RaggedBatch([[5, 6, 7, 8, 9], [3, 4, 12], [20, 21, 22, 23]], [0, 1, 2], [0] * 3,
+                          [5, 3, 4])  # fmt: skip
+    with cpu_linear.prompt_gemm():
+        assert not packed._packs(prompts, 5)  # prompts keep their rows
+        for runner in (packed, padded):
+            runner.forward(prompts, "none")
+    verify = RaggedBatch([[30], [31, 32, 33, 34, 35, 36], [37, 38]], [2, 0, 1], [4, 5, 3],
+                         [1, 6, 2])  # fmt: skip
+    assert packed._packs(verify, 6)
+    assert not packed._packs(RaggedBatch([[1, 2]] * 2, [0, 1], [11, 8], [2, 2]), 2)
+    got, want = packed.forward(verify, "all"), padded.forward(verify, "all")
+    for row, length in enumerate(verify.num_new):
+        assert torch.equal(got[row, :length], want[row, :length])
+    assert torch.equal(packed.forward(verify, "last"), padded.forward(verify, "last"))
+    for layer in range(2):  # real slots alike; only padding differs, in the trash slot
+        assert torch.equal(packed.cache.keys[layer][:3], padded.cache.keys[layer][:3])
+        assert torch.equal(packed.cache.values[layer][:3], padded.cache.values[layer][:3])
 
 
 def test_models_the_forward_cannot_run_keep_transformers_modules() -> None:
