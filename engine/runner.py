@@ -120,9 +120,15 @@ class ModelRunner:
                 [s + i for s, n in zip(batch.starts, batch.num_new, strict=True) for i in range(n)],
                 [1] * int(real.sum()),
             )
-            packed = self._hidden(tokens.tokens, tokens, 1)
+            packed = self._hidden(tokens.tokens, tokens, 1)[:, 0]
+            if output == "all":
+                # The LM head too sees real tokens only: it is the largest matrix product.
+                packed_logits = self.lm_head(packed).float()
+                logits = packed_logits.new_zeros((rows, width, packed_logits.shape[-1]))
+                logits[real] = packed_logits
+                return logits
             hidden = packed.new_zeros((rows, width, packed.shape[-1]))
-            hidden[real] = packed[:, 0]
+            hidden[real] = packed
         else:
             hidden = self._hidden(input_ids, batch, width)
         if output == "all":
