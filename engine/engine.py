@@ -74,6 +74,7 @@ class RoundPlan:
 # A draft slot this many tokens behind catches up in its own forward rather than the draft step.
 CATCH_UP_ALONE = 3
 CATCH_UP_CALIBRATION = 64  # tokens of the draft prefill timed at start-up
+ATTENTION_CALIBRATION = 1024  # context of the verify timed against an empty one at start-up
 
 
 def padding_groups(rows: list[Row], length: Callable[[Row], int]) -> list[list[Row]]:
@@ -211,6 +212,18 @@ class Engine:
         started = time.perf_counter()
         limit = min(capacity, self.config.max_slots * (self.gamma + 1))
         costs = CostModel(target=measure(verify, calibration_sizes(limit)), learn=True)
+        # Attention over a context: the same verify of a few tokens at an empty and at a long
+        # context (the trash slot's stale K/V serve as context; only the time matters).
+        queries = min(4, limit)
+        context = min(ATTENTION_CALIBRATION, capacity - queries)
+        if context > 0:
+
+            def verify_at(start: int) -> None:
+                batch = RaggedBatch([[0] * queries], [trash], [start], [queries])
+                self.target.forward(batch, "all")
+
+            times = measure(verify_at, [0, context])
+            costs.attention = max(0.0, (times[context] - times[0]) / (queries * context))
         if self.proposer is not None:
             sizes = calibration_sizes(min(capacity, self.config.max_slots))
             costs.draft = measure(draft, sizes)
@@ -424,6 +437,8 @@ class Engine:
         # The round so far, for prompt lookup's choices at the margin: every row verifies at
         # least its last token and emits one.
         round_tokens, round_emitted = len(batch), float(len(batch))
+        if self.costs is not None:
+            self.costs.context = sum(r.num_tokens for r in batch) / len(batch)
         # Judged at the batch size the queued requests are about to make.
         soon = min(self.config.max_slots, len(batch) + len(self.scheduler.waiting))
         for index, request in enumerate(batch):
@@ -619,7 +634,8 @@ class Engine:
             )
         t2 = time.perf_counter()
         if self.costs is not None:
-            self.costs.observe_verify(sum(row_gamma) + len(batch), t2 - t1)
+            keys = sum((g + 1) * n for g, n in zip(row_gamma, num_tokens, strict=True))
+            self.costs.observe_verify(sum(row_gamma) + len(batch), keys, t2 - t1)
 
         outputs, emitted_counts = [], []
         drafted_by_model = set(plan.draft_rows)

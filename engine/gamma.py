@@ -13,8 +13,9 @@ and a round over B rows costs g draft steps plus one verify over B * (g + 1) tok
 are measured at start-up for the engine's shapes: on a memory-bound CPU a 5-token verify costs
 about as much as a 1-token one, but once the batch is large it does not, so the best gamma
 shrinks with load down to 0 (plain decoding) where speculation stops paying. Start-up timings
-are taken at an empty context on a machine that may be busy; every round's verify time then
-corrects the table, so decisions follow what rounds really cost.
+are taken at an empty context; what each verify token pays for attention over its row's
+context is calibrated too, and every round's verify time refines it and a fixed per-round
+overhead.
 """
 
 from __future__ import annotations
@@ -55,35 +56,69 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-# Weight of a round's measured verify time against the table's entry for its token count.
-LEARN_RATE = 0.2
+# How fast the learned round costs forget: about the last 20 rounds count.
+LEARN_DECAY = 0.95
+# The start-up figures weigh as much as this many rounds of evidence...
+PRIOR_ROUNDS = 2.0
+# ... of this many (query, context) pairs each, a round of 8 tokens at a 1250-token context.
+TYPICAL_KEYS = 10_000.0
 
 
 @dataclass
 class CostModel:
-    """Seconds per forward as a function of the tokens it carries, by linear interpolation."""
+    """Seconds per forward as a function of the tokens it carries, by linear interpolation,
+    plus what a real round pays beyond the start-up table: a fixed overhead and the attention
+    each token pays over its context."""
 
-    target: dict[int, float] = field(default_factory=dict)  # tokens -> seconds
+    target: dict[int, float] = field(default_factory=dict)  # tokens -> seconds at context 0
     draft: dict[int, float] = field(default_factory=dict)
     # Seconds per token of copying context into a draft slot (a prompt-style forward).
     draft_catch_up: float = 0.0
-    # Whether observe_verify refines the target table (off for hand-written tables).
+    # Target seconds per (query token, context token): the table is timed at an empty context,
+    # but a verify token at a 1500-token context pays ~5 ms more on a 2-core CPU, which makes
+    # extra tokens dearer than the table says exactly where the batch is large.
+    attention: float = 0.0
+    # Seconds every real round pays beyond its forward (the verifier, the host sync, and in the
+    # server the HTTP side's share of the CPU): it favours fewer, longer rounds.
+    overhead: float = 0.0
+    # Mean context of the rows being planned (set by the engine each round).
+    context: float = 0.0
+    # Whether observe_verify refines overhead and attention (off for hand-written models).
     learn: bool = False
+    # Discounted sums of the rounds' (1, keys, keys^2, excess, keys * excess).
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)
+    _prior_attention: float | None = None
 
-    def observe_verify(self, tokens: int, seconds: float) -> None:
-        """Folds one round's verify time into the table: calibration ran at an empty context,
-        where attention is free, and a noisy start-up can misjudge a size by half. The table
-        stays non-decreasing in tokens, so more tokens never look cheaper."""
+    def observe_verify(self, tokens: int, keys: float, seconds: float) -> None:
+        """Folds one round's verify time in: its excess over the table, against the (query,
+        context) pairs it attended, refits ``overhead + attention * keys`` by discounted least
+        squares, held towards the start-up figures (no overhead, the calibrated attention) as
+        if they were a couple of rounds, each round's excess capped so a stray stalled round
+        moves little. The table itself is not refitted: its slope prices extra tokens, and the
+        rounds observe too few sizes to learn it again."""
         if not self.learn:
             return
-        old = self.target.get(tokens)
-        if old is None:
-            old = self._lookup(self.target, tokens)
-        value = old + LEARN_RATE * (seconds - old)
-        self.target[tokens] = value
-        for size, cost in self.target.items():
-            if (size < tokens and cost > value) or (size > tokens and cost < value):
-                self.target[size] = value
+        if self._prior_attention is None:
+            self._prior_attention = self.attention
+        table = self._lookup(self.target, tokens)
+        excess = min(seconds - table, table)
+        sums = [LEARN_DECAY * total for total in self._sums]
+        for index, value in enumerate((1.0, keys, keys * keys, excess, keys * excess)):
+            sums[index] += value
+        self._sums = sums
+        count, k, kk, r, kr = sums
+        ridge_overhead = PRIOR_ROUNDS
+        ridge_attention = PRIOR_ROUNDS * TYPICAL_KEYS**2
+        a11, a12, a22 = count + ridge_overhead, k, kk + ridge_attention
+        b1, b2 = r, kr + ridge_attention * self._prior_attention
+        det = a11 * a22 - a12 * a12
+        attention = (a11 * b2 - a12 * b1) / det
+        overhead = (b1 - a12 * attention) / a11
+        if attention < 0.0:  # rounds cheaper at long contexts: noise; refit the overhead alone
+            attention, overhead = 0.0, b1 / a11
+        self.attention = attention
+        # Never so negative that a forward would look nearly free.
+        self.overhead = max(overhead, -0.5 * min(self.target.values()))
 
     @staticmethod
     def _lookup(table: dict[int, float], tokens: int) -> float:
@@ -98,12 +133,14 @@ class CostModel:
         return table[sizes[-1]] * tokens / sizes[-1]
 
     def verify_seconds(self, tokens: int) -> float:
-        return self._lookup(self.target, tokens)
+        """A verify forward of ``tokens`` tokens at the planned rows' mean context."""
+        attention = self.attention * self.context * tokens
+        return self._lookup(self.target, tokens) + self.overhead + attention
 
     def round_seconds(self, rows: int, gamma: int, other_tokens: int = 0) -> float:
         """A round where ``rows`` rows draft ``gamma`` tokens each and other rows add
         ``other_tokens`` tokens to the verify forward."""
-        verify = self._lookup(self.target, rows * (gamma + 1) + other_tokens)
+        verify = self.verify_seconds(rows * (gamma + 1) + other_tokens)
         if not gamma or not self.draft:
             return verify
         return verify + gamma * self._lookup(self.draft, rows)

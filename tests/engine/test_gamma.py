@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from engine import gamma
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.gamma import (
-    LEARN_RATE,
     AcceptanceEstimate,
     CostModel,
     best_lookup_length,
@@ -106,23 +107,38 @@ def test_lookup_length_is_judged_at_the_margin_of_the_round() -> None:
     assert best_lookup_length(0.5, 6, knee, round_tokens=8, round_emitted=8)[0] == 0
 
 
-def test_observed_verify_times_correct_the_table_and_keep_it_monotone() -> None:
-    fixed = CostModel(target={1: 0.1, 8: 0.2})
-    fixed.observe_verify(8, 1.0)
-    assert fixed.target == {1: 0.1, 8: 0.2}  # hand-written tables stay as written
-    costs = CostModel(target={1: 0.1, 4: 0.12, 8: 0.2, 16: 0.3}, learn=True)
-    costs.observe_verify(8, 0.3)
-    assert costs.target[8] == pytest.approx(0.2 + LEARN_RATE * 0.1)
-    costs.observe_verify(12, 0.25)  # a new size starts from the interpolation
-    assert costs.target[12] == pytest.approx(0.26 + LEARN_RATE * (0.25 - 0.26))
-    for _ in range(30):  # a real context makes 4 tokens cost more than the table's 8 did
-        costs.observe_verify(4, 0.5)
-    sizes = sorted(costs.target)
-    assert costs.target[4] == pytest.approx(0.5, abs=0.01)
-    assert all(costs.target[a] <= costs.target[b] for a, b in zip(sizes, sizes[1:], strict=False))
-    for _ in range(30):  # and a fast 16 pulls every smaller size down with it
-        costs.observe_verify(16, 0.05)
-    assert max(costs.target[s] for s in sizes if s < 16) <= costs.target[16] < 0.06
+def test_attention_over_the_context_makes_extra_tokens_dearer() -> None:
+    costs = replace(MEMORY_BOUND, attention=5e-6)
+    assert costs.verify_seconds(8) == MEMORY_BOUND.verify_seconds(8)  # context 0
+    costs.context = 1500.0  # each token attends 1500 keys: +7.5 ms
+    assert costs.verify_seconds(8) == pytest.approx(0.1 + 8 * 0.0075)
+    # A row in a full round copies a token at an empty context, not at a long one...
+    full = {"round_tokens": 8, "round_emitted": 8.0}
+    assert best_lookup_length(0.3, 6, MEMORY_BOUND, **full)[0] == 1
+    assert best_lookup_length(0.3, 6, costs, **full)[0] == 0
+    # ... and a lone row drafts fewer tokens, though it still drafts.
+    assert 0 < choose_gamma([0.8], [6], 6, costs) < choose_gamma([0.8], [6], 6, MEMORY_BOUND)
+
+
+def test_rounds_teach_the_overhead_and_the_attention_cost() -> None:
+    fixed = CostModel(target={1: 0.1, 64: 0.4}, attention=1e-6)
+    fixed.observe_verify(8, 8000, 1.0)
+    assert (fixed.attention, fixed.overhead) == (1e-6, 0.0)  # hand-written models stay so
+    costs = CostModel(target={1: 0.1, 64: 0.4}, attention=1e-6, learn=True)
+    overhead, attention = 0.03, 4e-6
+    for tokens, context in [(8, 1000), (12, 1500), (1, 400), (16, 800), (2, 150)] * 20:
+        keys = tokens * context
+        table = costs._lookup(costs.target, tokens)
+        costs.observe_verify(tokens, keys, table + overhead + attention * keys)
+    assert costs.overhead == pytest.approx(overhead, rel=0.1)
+    assert costs.attention == pytest.approx(attention, rel=0.1)
+    costs.context = 1000
+    assert costs.verify_seconds(8) == pytest.approx(costs.target[1] + 0.3 * 7 / 63 + 0.062, 0.1)
+    costs.observe_verify(8, 8000, 5.0)  # one stalled round (a page fault storm, another process)
+    assert costs.attention < 2 * attention and costs.overhead < 2 * overhead
+    for _ in range(100):  # rounds faster than the table, whatever the context
+        costs.observe_verify(8, 8000, 0.06)
+    assert costs.attention == 0.0 and -0.05 <= costs.overhead < 0.0
 
 
 def test_measure_warms_up_and_keeps_the_table_monotone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,8 +158,6 @@ def test_measure_warms_up_and_keeps_the_table_monotone(monkeypatch: pytest.Monke
 
 
 def test_catch_up_pays_only_when_the_remaining_tokens_repay_it() -> None:
-    from dataclasses import replace
-
     costs = replace(MEMORY_BOUND, draft_catch_up=0.005)  # 256 tokens: 1.28 s
     # Alone, with 60 tokens to go and a good draft, a prompt-sized catch-up pays for itself...
     assert catch_up_pays(0.8, 6, remaining=60, missing=256, rows=1, costs=costs)
@@ -167,21 +181,24 @@ def test_rows_that_do_not_draft_make_drafting_dearer() -> None:
     assert choose_gamma([0.8], [6], 6, many_waiting, other_rows=7, other_tokens=7) == 0
 
 
-def test_every_round_teaches_the_engine_its_verify_cost() -> None:
+def test_every_round_teaches_the_engine_its_attention_cost() -> None:
     target, unrelated = models("qwen2")
     config = EngineConfig(gamma=4, max_slots=2, max_len=128, adaptive_gamma=True)
     eng = Engine(target, unrelated, config)
     assert eng.costs is not None and eng.costs.learn
-    seen: list[tuple[int, float]] = []
+    seen: list[tuple[int, float, float]] = []
     learn = eng.costs.observe_verify
-    eng.costs.observe_verify = lambda tokens, seconds: (seen.append((tokens, seconds)),
-                                                        learn(tokens, seconds))  # fmt: skip
+
+    def spy(tokens: int, keys: float, seconds: float) -> None:
+        seen.append((tokens, keys, seconds))
+        learn(tokens, keys, seconds)
+
+    eng.costs.observe_verify = spy  # type: ignore[method-assign]
     rounds = []
     eng.on_round = rounds.append
     eng.generate(PROMPTS, GREEDY)
-    assert [t for t, _ in seen] == [r.batch_size + sum(r.drafted) for r in rounds]
-    assert [s for _, s in seen] == [r.verify_seconds for r in rounds]
-    sizes = sorted(eng.costs.target)
-    assert all(
-        eng.costs.target[a] <= eng.costs.target[b] for a, b in zip(sizes, sizes[1:], strict=False)
-    )
+    assert [t for t, _, _ in seen] == [r.batch_size + sum(r.drafted) for r in rounds]
+    assert [s for _, _, s in seen] == [r.verify_seconds for r in rounds]
+    # Each verified token attends at least the prompt of the shortest row.
+    assert all(keys >= tokens * min(map(len, PROMPTS)) for tokens, keys, _ in seen)
+    assert eng.costs.attention >= 0.0
