@@ -107,3 +107,27 @@ def test_engine_settings_come_from_flags_and_environment(
     assert config([]).draft_weights == "bf16"
     with pytest.raises(SystemExit):
         config(["--draft-weights", "int2"])
+
+
+def test_the_engine_is_built_in_a_thread_that_ends() -> None:
+    """Model code run in the main thread would leave an OpenMP worker pool behind beside the
+    engine thread's (see serve._in_passing_thread): loading happens in a thread that ends."""
+    import threading
+
+    from engine.loader import ModelNotFoundError
+    from server.serve import _in_passing_thread
+
+    ran_in: list[threading.Thread] = []
+
+    def build() -> str:
+        ran_in.append(threading.current_thread())
+        return "engine"
+
+    assert _in_passing_thread(build) == "engine"
+    assert ran_in[0] is not threading.current_thread() and not ran_in[0].is_alive()
+
+    def missing() -> None:
+        raise ModelNotFoundError("no such model")
+
+    with pytest.raises(ModelNotFoundError, match="no such model"):
+        _in_passing_thread(missing)
