@@ -4,8 +4,9 @@ Registered with transformers as the attention implementation ``"specserve_cpu"``
 attention is batch-invariant but runs torch's bf16 batched matmul, which on AVX2-only CPUs costs
 about as much per extra query token as a whole decode step once the context is long; SDPA is
 fast but not batch-invariant. ``engine/csrc/attention_bf16.c`` (built into the same library as
-the linear kernel) computes each (row, head, query) alone with fp32 arithmetic, so a verify
-forward costs little more than a decode step and gives each token bit-identical output.
+the linear kernel) computes with fp32 arithmetic all the queries that share a kv head together,
+yet each query by the same operations whatever came with it, so a verify forward costs little
+more than a decode step and gives each token bit-identical output.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ log = logging.getLogger("specserve.cpu_attention")
 NAME = "specserve_cpu"
 _MAX_HEAD_DIM = 256
 _function: ctypes._CFuncPtr | None = None
+_exp_function: ctypes._CFuncPtr | None = None
 
 
 def _kernel(
@@ -51,6 +53,15 @@ def _kernel(
         scaling, torch.get_num_threads(),
     )  # fmt: skip
     return out if status == 0 else None
+
+
+def vector_exp(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's softmax exp applied to fp32 ``x`` elementwise (for the tests)."""
+    assert _exp_function is not None
+    x = x.to(torch.float32).contiguous()
+    y = torch.empty_like(x)
+    _exp_function(x.data_ptr(), y.data_ptr(), x.numel())
+    return y
 
 
 def _fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, kwargs) -> bool:
@@ -124,7 +135,7 @@ def reference(
 def bind(lib: ctypes.CDLL) -> None:
     """Binds the kernel from the freshly loaded library and registers it with transformers.
     A failure here only leaves attention to transformers."""
-    global _function
+    global _function, _exp_function
     try:
         fn = lib.specserve_attention_bf16
         fn.restype = ctypes.c_int
@@ -136,7 +147,10 @@ def bind(lib: ctypes.CDLL) -> None:
             + [ctypes.c_int64] * 6
             + [ctypes.c_float, ctypes.c_int]
         )  # fmt: skip
-        _function = fn
+        exp = lib.specserve_exp_f32
+        exp.restype = None
+        exp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        _function, _exp_function = fn, exp
         _self_check()
     except Exception as exc:  # never crash model loading over an optional kernel
         _function = None

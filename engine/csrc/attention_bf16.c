@@ -73,7 +73,8 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
 static inline __m256 sum8x8(const __m256 a[8]) {
     const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
     const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20),
+                         _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
 /* The same tree for one vector's lanes. */
@@ -187,9 +188,11 @@ static void scores_avx512(const uint16_t *const *q, const int64_t *n, int m, int
                                               (__m512bh)_mm512_maskz_loadu_epi16(tail, kr[i] + c));
             }
             __m256 half[KEYS16];
-            for (int i = 0; i < KEYS16; i++)
+            for (int i = 0; i < KEYS16; i++) {
+                const __m512d wide = _mm512_castps_pd(acc[i]);
                 half[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i]),
-                                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1)));
+                                        _mm256_castpd_ps(_mm512_extractf64x4_pd(wide, 1)));
+            }
             const __m512 sums = _mm512_castpd_ps(_mm512_insertf64x4(
                 _mm512_castpd256_pd512(_mm256_castps_pd(sum8x8(half))),
                 _mm256_castps_pd(sum8x8(half + 8)), 1));
