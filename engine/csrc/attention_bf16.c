@@ -314,9 +314,9 @@ int specserve_attention_bf16(const uint16_t *q, int64_t q_sb, int64_t q_sh, int6
     if (head_dim <= 0 || head_dim > MAX_HEAD_DIM || head_dim % 8 || kv_heads <= 0 ||
         heads % kv_heads || keys <= 0 || queries < 0 || batch < 0)
         return -1;
-    if (queries == 0 || batch == 0) return 0;
-    if (threads < 1) threads = 1;
     const int64_t d = head_dim, group = heads / kv_heads, rows = group * queries;
+    if (rows == 0 || batch == 0) return 0;
+    if (threads < 1) threads = 1;
     /* Chunks of a kv head's queries: few enough to share each K/V row widely, enough to keep
      * every thread busy. Which chunk a query lands in does not change its bits. */
     const int64_t groups = batch * kv_heads;
