@@ -439,8 +439,9 @@ class Engine:
         round_tokens, round_emitted = len(batch), float(len(batch))
         if self.costs is not None:
             self.costs.context = sum(r.num_tokens for r in batch) / len(batch)
-        # Judged at the batch size the queued requests are about to make.
-        soon = min(self.config.max_slots, len(batch) + len(self.scheduler.waiting))
+        # Judged at the batch size the queued and prefilling requests are about to make.
+        coming = len(self._prefilling) + len(self.scheduler.waiting)
+        soon = min(self.config.max_slots, len(batch) + coming)
         for index, request in enumerate(batch):
             if caps[index] == 0:
                 continue

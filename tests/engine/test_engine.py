@@ -419,6 +419,32 @@ def test_a_new_row_judges_the_draft_prefill_at_the_batch_the_queue_will_make() -
     assert first_gammas[0] > 0 and first_gammas[1] == 0
 
 
+def test_rows_still_prefilling_count_towards_the_coming_batch() -> None:
+    """Requests whose prompts are being prefilled in chunks join the batch within a few steps:
+    a running row's draft prefill is judged at that batch, as for queued requests."""
+    from engine.gamma import CostModel
+
+    target, _ = models("llama")
+    draft = perturbed(target, 0.05)
+    config = EngineConfig(gamma=6, max_slots=4, max_len=128, prompt_lookup=0, prefill_budget=0,
+                          prefill_chunk=4)  # fmt: skip
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    second_gammas = []
+    for prefilling in (0, 3):
+        eng = Engine(target, draft, config)
+        eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.1}, draft_catch_up=0.2)
+        rounds = []
+        eng.on_round = rounds.append
+        eng.add_request(PROMPTS[2], params)
+        eng.step()  # its prompt, and a first round that samples its first token
+        for _ in range(prefilling):
+            eng.add_request(list(range(40, 100)), params)
+        eng.step()  # admits them; 4 of their prompt tokens go in; the first row's second round
+        assert len(eng._prefilling) == prefilling and rounds[1].batch_size == 1
+        second_gammas.append(rounds[1].gamma)
+    assert second_gammas[0] > 0 and second_gammas[1] == 0
+
+
 def test_draft_context_window_stays_lossless_and_caches_only_the_window() -> None:
     target, _ = models("llama")
     draft = perturbed(target, 0.05)
