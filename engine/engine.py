@@ -211,7 +211,9 @@ class Engine:
 
         started = time.perf_counter()
         limit = min(capacity, self.config.max_slots * (self.gamma + 1))
-        costs = CostModel(target=measure(verify, calibration_sizes(limit)), learn=True)
+        sync = self.target.synchronize
+        costs = CostModel(target=measure(verify, calibration_sizes(limit), synchronize=sync))
+        costs.learn = True
         # Attention over a context: the same verify of a few tokens at an empty and at a long
         # context (the trash slot's stale K/V serve as context; only the time matters).
         queries = min(4, limit)
@@ -222,14 +224,15 @@ class Engine:
                 batch = RaggedBatch([[0] * queries], [trash], [start], [queries])
                 self.target.forward(batch, "all")
 
-            times = measure(verify_at, [0, context])
+            times = measure(verify_at, [0, context], synchronize=sync)
             costs.attention = max(0.0, (times[context] - times[0]) / (queries * context))
         if self.proposer is not None:
             sizes = calibration_sizes(min(capacity, self.config.max_slots))
-            costs.draft = measure(draft, sizes)
+            costs.draft = measure(draft, sizes, synchronize=sync)
             tokens = min(capacity, CATCH_UP_CALIBRATION)
             batch = RaggedBatch([[0] * tokens], [trash], [0], [tokens])
-            seconds = measure(lambda _: self.proposer.runner.prefill(batch), [tokens])
+            prefill = self.proposer.runner.prefill
+            seconds = measure(lambda _: prefill(batch), [tokens], synchronize=sync)
             costs.draft_catch_up = seconds[tokens] / tokens
         log.info("adaptive gamma calibrated in %.1f s", time.perf_counter() - started)
         return costs

@@ -146,17 +146,25 @@ class CostModel:
         return verify + gamma * self._lookup(self.draft, rows)
 
 
-def measure(forward: Callable[[int], None], sizes: list[int], repeats: int = 3) -> dict[int, float]:
+def measure(
+    forward: Callable[[int], None],
+    sizes: list[int],
+    repeats: int = 3,
+    synchronize: Callable[[], None] = lambda: None,
+) -> dict[int, float]:
     """Best-of-``repeats`` wall time of ``forward(tokens)`` for each size, after one untimed
     call (the first forward of a shape pays for allocation and cold caches), made
-    non-decreasing: a larger forward that timed faster bounds the smaller ones."""
+    non-decreasing: a larger forward that timed faster bounds the smaller ones. ``synchronize``
+    waits for the device (a CUDA forward returns when its kernels are queued, not done)."""
     forward(sizes[0])
+    synchronize()
     table = {}
     for size in sizes:
         best = float("inf")
         for _ in range(repeats):
             started = time.perf_counter()
             forward(size)
+            synchronize()
             best = min(best, time.perf_counter() - started)
         table[size] = best
     for smaller, larger in reversed(list(zip(sizes, sizes[1:], strict=False))):

@@ -70,6 +70,11 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return int(self.lm_head.weight.shape[0])
 
+    def synchronize(self) -> None:
+        """Waits until the device has run everything queued (for timing: CUDA is async)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _device_ints(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 

@@ -157,6 +157,26 @@ def test_measure_warms_up_and_keeps_the_table_monotone(monkeypatch: pytest.Monke
     assert table == pytest.approx({1: 0.2, 2: 0.2, 4: 0.25})
 
 
+def test_measure_waits_for_an_asynchronous_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA forward returns once its kernels are queued: timed without waiting for the
+    device, every size would look free."""
+    clock, queued = [0.0], [0.0]
+
+    def forward(size: int) -> None:
+        queued[0] += 0.01 * size  # work the device will do
+
+    def synchronize() -> None:
+        clock[0] += queued[0]
+        queued[0] = 0.0
+
+    monkeypatch.setattr(gamma.time, "perf_counter", lambda: clock[0])
+    assert gamma.measure(forward, [1, 8]) == {1: 0.0, 8: 0.0}
+    queued[0] = 0.0
+    assert gamma.measure(forward, [1, 8], synchronize=synchronize) == pytest.approx(
+        {1: 0.01, 8: 0.08}
+    )
+
+
 def test_catch_up_pays_only_when_the_remaining_tokens_repay_it() -> None:
     costs = replace(MEMORY_BOUND, draft_catch_up=0.005)  # 256 tokens: 1.28 s
     # Alone, with 60 tokens to go and a good draft, a prompt-sized catch-up pays for itself...
@@ -202,3 +222,25 @@ def test_every_round_teaches_the_engine_its_attention_cost() -> None:
     # Each verified token attends at least the prompt of the shortest row.
     assert all(keys >= tokens * min(map(len, PROMPTS)) for tokens, keys, _ in seen)
     assert eng.costs.attention >= 0.0
+
+
+def test_calibration_waits_for_the_device_after_every_timed_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    waits: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(str(device)))
+    target, unrelated = models("qwen2")
+    config = EngineConfig(gamma=2, max_slots=2, max_len=64, adaptive_gamma=True)
+    eng = Engine(target, unrelated, config)
+    assert waits == []  # a CPU runner has nothing to wait for
+    eng.target.device = torch.device("cuda", 0)  # as on a GPU, where forwards are queued
+    waits.clear()
+    eng._calibrate()
+    verify_sizes = len(gamma.calibration_sizes(min(eng.target.capacity, 2 * 3)))
+    draft_sizes = len(gamma.calibration_sizes(2))
+    # Per table an untimed warm-up, then 3 timed calls per size: verify, attention (2 sizes),
+    # draft steps and the draft catch-up (1 size).
+    expected = (1 + 3 * verify_sizes) + (1 + 3 * 2) + (1 + 3 * draft_sizes) + (1 + 3)
+    assert waits == ["cuda:0"] * expected
