@@ -229,18 +229,30 @@ def test_calibration_waits_for_the_device_after_every_timed_forward(
 ) -> None:
     import torch
 
-    waits: list[str] = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(str(device)))
     target, unrelated = models("qwen2")
     config = EngineConfig(gamma=2, max_slots=2, max_len=64, adaptive_gamma=True)
     eng = Engine(target, unrelated, config)
-    assert waits == []  # a CPU runner has nothing to wait for
-    eng.target.device = torch.device("cuda", 0)  # as on a GPU, where forwards are queued
-    waits.clear()
+    calls: list[int] = []
+    real_forward = eng.target.forward
+    events: list[str] = []
+    eng.target.forward = lambda *a, **k: (events.append("forward"), real_forward(*a, **k))[1]
+    eng.target.synchronize = lambda: events.append("wait")  # type: ignore[method-assign]
+    eng.proposer.runner.forward = lambda *a, **k: events.append("forward")
+    eng.proposer.runner.prefill = lambda *a, **k: events.append("forward")
     eng._calibrate()
+    # Every forward, timed or warm-up, is followed by a wait before the clock is read.
+    assert events and events == ["forward", "wait"] * (len(events) // 2)
     verify_sizes = len(gamma.calibration_sizes(min(eng.target.capacity, 2 * 3)))
     draft_sizes = len(gamma.calibration_sizes(2))
-    # Per table an untimed warm-up, then 3 timed calls per size: verify, attention (2 sizes),
-    # draft steps and the draft catch-up (1 size).
+    # Per table a warm-up, then 3 timed calls per size: verify, attention (2 sizes), draft
+    # steps, the draft catch-up (1 size).
     expected = (1 + 3 * verify_sizes) + (1 + 3 * 2) + (1 + 3 * draft_sizes) + (1 + 3)
-    assert waits == ["cuda:0"] * expected
+    assert events.count("wait") == expected
+    # What a wait is: nothing on CPU, torch.cuda.synchronize on a CUDA device.
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    runner = Engine(target, None, EngineConfig(gamma=0, max_slots=1, max_len=64)).target
+    runner.synchronize()
+    assert calls == []
+    runner.device = torch.device("cuda", 0)
+    runner.synchronize()
+    assert calls == [torch.device("cuda", 0)]
