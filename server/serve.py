@@ -58,7 +58,9 @@ def _in_passing_thread(build: Callable[[], T]) -> T:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
             errors.append(exc)
 
-    thread = threading.Thread(target=target, name="specserve-load")
+    # A daemon, so that Ctrl-C during a long load (a first GGUF conversion) exits at once, as
+    # it did when the main thread loaded; the conversion cache is written by atomic renames.
+    thread = threading.Thread(target=target, name="specserve-load", daemon=True)
     thread.start()
     thread.join()
     if errors:

@@ -125,6 +125,7 @@ def test_the_engine_is_built_in_a_thread_that_ends() -> None:
 
     assert _in_passing_thread(build) == "engine"
     assert ran_in[0] is not threading.current_thread() and not ran_in[0].is_alive()
+    assert ran_in[0].daemon  # Ctrl-C during loading must not wait for the load to finish
 
     def missing() -> None:
         raise ModelNotFoundError("no such model")
