@@ -123,15 +123,17 @@ class ModelRunner:
                 input_ids[real].view(-1, 1),
                 [s for s, n in zip(batch.slots, batch.num_new, strict=True) for _ in range(n)],
                 [s + i for s, n in zip(batch.starts, batch.num_new, strict=True) for i in range(n)],
-                [1] * int(real.sum()),
+                [1] * sum(batch.num_new),
             )
             packed = self._hidden(tokens.tokens, tokens, 1)[:, 0]
+            # The LM head too sees real tokens only: it is the largest matrix product.
             if output == "all":
-                # The LM head too sees real tokens only: it is the largest matrix product.
                 packed_logits = self.lm_head(packed).float()
                 logits = packed_logits.new_zeros((rows, width, packed_logits.shape[-1]))
                 logits[real] = packed_logits
                 return logits
+            if output == "last":
+                return self.lm_head(packed[torch.cumsum(num_new, 0) - 1]).float()
             hidden = packed.new_zeros((rows, width, packed.shape[-1]))
             hidden[real] = packed
         else:
