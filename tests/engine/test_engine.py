@@ -392,9 +392,19 @@ def test_a_new_row_drafts_only_if_its_tokens_can_repay_the_draft_prefill() -> No
     assert draft_forwards and eng.stats.drafted > 0
 
 
-def test_a_new_row_judges_the_draft_prefill_at_the_batch_the_queue_will_make() -> None:
+def _catch_up_judging_engine(target, draft, config: EngineConfig) -> tuple[Engine, list]:
+    """An engine whose draft prefill is repaid by 20 tokens of drafting for one row, not for
+    four rows' prompts at once, and the list its rounds are recorded in."""
     from engine.gamma import CostModel
 
+    eng = Engine(target, draft, config)
+    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.1}, draft_catch_up=0.2)
+    rounds: list = []
+    eng.on_round = rounds.append
+    return eng, rounds
+
+
+def test_a_new_row_judges_the_draft_prefill_at_the_batch_the_queue_will_make() -> None:
     target, _ = models("llama")
     draft = perturbed(target, 0.05)
     # One admission per step, so the first round runs one row while the others still queue.
@@ -402,11 +412,7 @@ def test_a_new_row_judges_the_draft_prefill_at_the_batch_the_queue_will_make() -
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     first_gammas = []
     for queued in (0, 3):
-        eng = Engine(target, draft, config)
-        # Repaid by 20 tokens of drafting for one row, not for four rows' prompts at once.
-        eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.1}, draft_catch_up=0.2)
-        rounds = []
-        eng.on_round = rounds.append
+        eng, rounds = _catch_up_judging_engine(target, draft, config)
         for _ in range(1 + queued):
             eng.add_request(PROMPTS[2], params)
         eng.step()
@@ -422,8 +428,6 @@ def test_a_new_row_judges_the_draft_prefill_at_the_batch_the_queue_will_make() -
 def test_rows_still_prefilling_count_towards_the_coming_batch() -> None:
     """Requests whose prompts are being prefilled in chunks join the batch within a few steps:
     a running row's draft prefill is judged at that batch, as for queued requests."""
-    from engine.gamma import CostModel
-
     target, _ = models("llama")
     draft = perturbed(target, 0.05)
     config = EngineConfig(gamma=6, max_slots=4, max_len=128, prompt_lookup=0, prefill_budget=0,
@@ -431,10 +435,7 @@ def test_rows_still_prefilling_count_towards_the_coming_batch() -> None:
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     second_gammas = []
     for prefilling in (0, 3):
-        eng = Engine(target, draft, config)
-        eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.1}, draft_catch_up=0.2)
-        rounds = []
-        eng.on_round = rounds.append
+        eng, rounds = _catch_up_judging_engine(target, draft, config)
         eng.add_request(PROMPTS[2], params)
         eng.step()  # its prompt, and a first round that samples its first token
         for _ in range(prefilling):
