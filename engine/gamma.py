@@ -154,19 +154,21 @@ def measure(
 ) -> dict[int, float]:
     """Best-of-``repeats`` wall time of ``forward(tokens)`` for each size, after one untimed
     call (the first forward of a shape pays for allocation and cold caches), made
-    non-decreasing: a larger forward that timed faster bounds the smaller ones. ``synchronize``
-    waits for the device (a CUDA forward returns when its kernels are queued, not done)."""
+    non-decreasing: a larger forward that timed faster bounds the smaller ones. The sizes take
+    turns (1, 2, 4, 1, 2, 4, ...) rather than each being timed in a row: a shared machine's
+    slow spell then slows one turn of every size, where timed size by size it would fall on a
+    few sizes and make the table's slope, what an extra token costs, wrong (seen on a 2-core
+    VM: a 5-token verify timed 1.6x a 1-token one where it costs 1.2x). ``synchronize`` waits
+    for the device (a CUDA forward returns when its kernels are queued, not done)."""
     forward(sizes[0])
     synchronize()
-    table = {}
-    for size in sizes:
-        best = float("inf")
-        for _ in range(repeats):
+    table = dict.fromkeys(sizes, float("inf"))
+    for _ in range(repeats):
+        for size in sizes:
             started = time.perf_counter()
             forward(size)
             synchronize()
-            best = min(best, time.perf_counter() - started)
-        table[size] = best
+            table[size] = min(table[size], time.perf_counter() - started)
     for smaller, larger in reversed(list(zip(sizes, sizes[1:], strict=False))):
         table[smaller] = min(table[smaller], table[larger])
     return table

@@ -143,7 +143,8 @@ def test_rounds_teach_the_overhead_and_the_attention_cost() -> None:
 
 def test_measure_warms_up_and_keeps_the_table_monotone(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [0.0]
-    durations = iter([9.0] + [0.3] * 3 + [0.2] * 3 + [0.25, 0.5, 0.4])  # warm-up first
+    # Warm-up first, then three turns over the sizes 1, 2, 4.
+    durations = iter([9.0] + [0.3, 0.2, 0.25] + [0.3, 0.2, 0.5] + [0.3, 0.2, 0.4])
     calls = []
 
     def forward(size: int) -> None:
@@ -152,9 +153,25 @@ def test_measure_warms_up_and_keeps_the_table_monotone(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(gamma.time, "perf_counter", lambda: clock[0])
     table = gamma.measure(forward, [1, 2, 4])
-    assert calls == [1] + [1] * 3 + [2] * 3 + [4] * 3
+    assert calls == [1] + [1, 2, 4] * 3
     # The slow cold call is not timed; 1 token that timed slower than 2 takes 2's time.
     assert table == pytest.approx({1: 0.2, 2: 0.2, 4: 0.25})
+
+
+def test_measure_keeps_the_slope_through_a_slow_spell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward costs 0.1 s plus 0.01 s a token, but the machine runs at half speed for a
+    while (another process): timed size by size, that spell would fall on the largest sizes
+    alone and make extra tokens look five times dearer than they are."""
+    clock, calls = [0.0], [0]
+
+    def forward(size: int) -> None:
+        calls[0] += 1
+        slow = 2.0 if 6 <= calls[0] <= 12 else 1.0
+        clock[0] += slow * (0.1 + 0.01 * size)
+
+    monkeypatch.setattr(gamma.time, "perf_counter", lambda: clock[0])
+    table = gamma.measure(forward, [1, 2, 4, 8])
+    assert table == pytest.approx({1: 0.11, 2: 0.12, 4: 0.14, 8: 0.18})
 
 
 def test_measure_waits_for_an_asynchronous_device(monkeypatch: pytest.MonkeyPatch) -> None:
