@@ -440,8 +440,8 @@ class Engine:
         # The round so far, for prompt lookup's choices at the margin: every row verifies at
         # least its last token and emits one.
         round_tokens, round_emitted = len(batch), float(len(batch))
-        if self.costs is not None:
-            self.costs.context = sum(r.num_tokens for r in batch) / len(batch)
+        # Each verify token attends over its row's context: the costs are judged at the mean.
+        context = sum(r.num_tokens for r in batch) / len(batch)
         # Judged at the batch size the queued and prefilling requests are about to make.
         coming = len(self._prefilling) + len(self.scheduler.waiting)
         soon = min(self.config.max_slots, len(batch) + coming)
@@ -454,18 +454,18 @@ class Engine:
                 # Not in a row's first round: the draft's catch-up of the prompt and its steps
                 # would hold back the token a streaming client awaits (copied drafts may go).
                 and bool(request.output_token_ids)
-                and self._draft_ready(request, caps[index], model_prior, soon)
+                and self._draft_ready(request, caps[index], model_prior, soon, context)
             )
             proposal = request.lookup.propose(caps[index]) if request.lookup is not None else []
             if proposal:
                 alpha = request.ngram_acceptance.alpha(ngram_prior)
                 rows = len(batch)
                 length, rate = best_lookup_length(
-                    alpha, len(proposal), self.costs, round_tokens, round_emitted
+                    alpha, len(proposal), self.costs, round_tokens, round_emitted, context
                 )
                 if length > 0 and (
                     not use_model
-                    or self._lookup_beats_model(request, rate, alpha, model_prior, rows)
+                    or self._lookup_beats_model(request, rate, alpha, model_prior, rows, context)
                 ):
                     plan.lookups[index] = proposal[:length]
                     plan.row_gamma[index] = length
@@ -483,11 +483,18 @@ class Engine:
                 chosen = set(candidates)
                 others = [i for i in range(len(batch)) if i not in chosen]
                 rest = (len(others), sum(plan.row_gamma[i] + 1 for i in others))
-                gamma = choose_gamma(alphas, row_caps, max_gamma, self.costs, *rest)
+                gamma = choose_gamma(
+                    alphas, row_caps, max_gamma, self.costs, *rest, context=context
+                )
                 # A probe keeps a pessimistic estimate honest, but only where drafting could
                 # pay at all: at a large batch even a good draft may not beat plain decoding.
                 probe = gamma == 0 and choose_gamma(
-                    [PROBE_ALPHA] * len(candidates), row_caps, max_gamma, self.costs, *rest
+                    [PROBE_ALPHA] * len(candidates),
+                    row_caps,
+                    max_gamma,
+                    self.costs,
+                    *rest,
+                    context=context,
                 )
                 for i in candidates:
                     request = batch[i]
@@ -502,7 +509,9 @@ class Engine:
                 plan.draft_gamma = max(plan.row_gamma[i] for i in candidates)
         return plan
 
-    def _draft_ready(self, request: Request, cap: int, model_prior: float, rows: int) -> bool:
+    def _draft_ready(
+        self, request: Request, cap: int, model_prior: float, rows: int, context: float
+    ) -> bool:
         """Whether the draft model may propose for this row. A row that never drafted owes
         its draft slot the prompt, and pays that catch-up only when the tokens it has left
         can repay it: under load often they cannot (prompt lookup may still serve it)."""
@@ -513,7 +522,7 @@ class Engine:
             return True
         remaining = request.max_new_tokens - len(request.output_token_ids)
         alpha = request.acceptance.alpha(model_prior)
-        return catch_up_pays(alpha, cap, remaining, missing, rows, self.costs)
+        return catch_up_pays(alpha, cap, remaining, missing, rows, self.costs, context)
 
     def _lookup_beats_model(
         self,
@@ -522,6 +531,7 @@ class Engine:
         lookup_alpha: float,
         model_prior: float,
         rows: int,
+        context: float,
     ) -> bool:
         """Whether copied drafts promise this row more tokens per second than the draft model
         would, each judged as if the whole batch of ``rows`` made the same choice."""
@@ -529,9 +539,9 @@ class Engine:
         if self.costs is None:
             return lookup_alpha >= model_alpha
         gamma = choose_gamma(
-            [model_alpha] * rows, [request.gamma] * rows, request.gamma, self.costs
+            [model_alpha] * rows, [request.gamma] * rows, request.gamma, self.costs, context=context
         )
-        share = self.costs.round_seconds(rows, gamma) / rows
+        share = self.costs.round_seconds(rows, gamma, context=context) / rows
         return lookup_rate >= expected_tokens(model_alpha, gamma) / share
 
     def _catch_up_draft(self, rows: list[Request]) -> None:

@@ -81,8 +81,6 @@ class CostModel:
     # Seconds every real round pays beyond its forward (the verifier, the host sync, and in the
     # server the HTTP side's share of the CPU): it favours fewer, longer rounds.
     overhead: float = 0.0
-    # Mean context of the rows being planned (set by the engine each round).
-    context: float = 0.0
     # Whether observe_verify refines overhead and attention (off for hand-written models).
     learn: bool = False
     # Discounted sums of the rounds' (1, keys, keys^2, excess, keys * excess).
@@ -132,15 +130,17 @@ class CostModel:
         # Past the largest measurement cost grows linearly with the tokens.
         return table[sizes[-1]] * tokens / sizes[-1]
 
-    def verify_seconds(self, tokens: int) -> float:
-        """A verify forward of ``tokens`` tokens at the planned rows' mean context."""
-        attention = self.attention * self.context * tokens
+    def verify_seconds(self, tokens: int, context: float = 0.0) -> float:
+        """A verify forward of ``tokens`` tokens whose rows hold ``context`` tokens on average."""
+        attention = self.attention * context * tokens
         return self._lookup(self.target, tokens) + self.overhead + attention
 
-    def round_seconds(self, rows: int, gamma: int, other_tokens: int = 0) -> float:
+    def round_seconds(
+        self, rows: int, gamma: int, other_tokens: int = 0, context: float = 0.0
+    ) -> float:
         """A round where ``rows`` rows draft ``gamma`` tokens each and other rows add
-        ``other_tokens`` tokens to the verify forward."""
-        verify = self.verify_seconds(rows * (gamma + 1) + other_tokens)
+        ``other_tokens`` tokens to the verify forward, at a mean ``context``."""
+        verify = self.verify_seconds(rows * (gamma + 1) + other_tokens, context)
         if not gamma or not self.draft:
             return verify
         return verify + gamma * self._lookup(self.draft, rows)
@@ -185,6 +185,7 @@ def best_lookup_length(
     costs: CostModel | None,
     round_tokens: int = 1,
     round_emitted: float = 1.0,
+    context: float = 0.0,
 ) -> tuple[int, float]:
     """How many of ``available`` prompt-lookup tokens one row should add (0: none) to a round
     that so far verifies ``round_tokens`` tokens and expects to emit ``round_emitted``, and the
@@ -194,17 +195,23 @@ def best_lookup_length(
     itself whatever the other rows chose."""
     if costs is None:
         return available, 0.0
-    best, best_rate = 0, round_emitted / costs.verify_seconds(round_tokens)
+    best, best_rate = 0, round_emitted / costs.verify_seconds(round_tokens, context)
     for length in range(1, available + 1):
         emitted = round_emitted + expected_tokens(alpha, length) - 1.0
-        rate = emitted / costs.verify_seconds(round_tokens + length)
+        rate = emitted / costs.verify_seconds(round_tokens + length, context)
         if rate > best_rate:
             best, best_rate = length, rate
     return best, best_rate
 
 
 def catch_up_pays(
-    alpha: float, cap: int, remaining: int, missing: int, rows: int, costs: CostModel
+    alpha: float,
+    cap: int,
+    remaining: int,
+    missing: int,
+    rows: int,
+    costs: CostModel,
+    context: float = 0.0,
 ) -> bool:
     """Whether a row whose draft slot misses ``missing`` tokens should catch it up and draft.
 
@@ -212,11 +219,11 @@ def catch_up_pays(
     each of the row's ``remaining`` tokens. Judged, like the rest, as if every one of ``rows``
     rows made the same choice: B catch-ups against B rows' savings per token.
     """
-    gamma = choose_gamma([alpha] * rows, [cap] * rows, cap, costs)
+    gamma = choose_gamma([alpha] * rows, [cap] * rows, cap, costs, context=context)
     if gamma == 0:
         return False
-    plain = costs.round_seconds(rows, 0)
-    drafted = costs.round_seconds(rows, gamma) / expected_tokens(alpha, gamma)
+    plain = costs.round_seconds(rows, 0, context=context)
+    drafted = costs.round_seconds(rows, gamma, context=context) / expected_tokens(alpha, gamma)
     return remaining * (plain - drafted) > rows * missing * costs.draft_catch_up
 
 
@@ -227,6 +234,7 @@ def choose_gamma(
     costs: CostModel,
     other_rows: int = 0,
     other_tokens: int = 0,
+    context: float = 0.0,
 ) -> int:
     """The round's gamma maximising expected emitted tokens per second over the batch: the
     drafting rows (``alphas``, ``caps``) plus ``other_rows`` that do not draft from the model
@@ -237,7 +245,7 @@ def choose_gamma(
         tokens = other_rows + sum(
             expected_tokens(alpha, min(gamma, cap)) for alpha, cap in zip(alphas, caps, strict=True)
         )
-        rate = tokens / costs.round_seconds(len(alphas), gamma, other_tokens)
+        rate = tokens / costs.round_seconds(len(alphas), gamma, other_tokens, context)
         if rate > best_rate:
             best_gamma, best_rate = gamma, rate
     return best_gamma

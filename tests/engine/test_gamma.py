@@ -110,14 +110,16 @@ def test_lookup_length_is_judged_at_the_margin_of_the_round() -> None:
 def test_attention_over_the_context_makes_extra_tokens_dearer() -> None:
     costs = replace(MEMORY_BOUND, attention=5e-6)
     assert costs.verify_seconds(8) == MEMORY_BOUND.verify_seconds(8)  # context 0
-    costs.context = 1500.0  # each token attends 1500 keys: +7.5 ms
-    assert costs.verify_seconds(8) == pytest.approx(0.1 + 8 * 0.0075)
+    long = 1500.0  # each token attends 1500 keys: +7.5 ms
+    assert costs.verify_seconds(8, long) == pytest.approx(0.1 + 8 * 0.0075)
+    assert MEMORY_BOUND.verify_seconds(8, long) == MEMORY_BOUND.verify_seconds(8)
     # A row in a full round copies a token at an empty context, not at a long one...
     full = {"round_tokens": 8, "round_emitted": 8.0}
-    assert best_lookup_length(0.3, 6, MEMORY_BOUND, **full)[0] == 1
-    assert best_lookup_length(0.3, 6, costs, **full)[0] == 0
+    assert best_lookup_length(0.3, 6, costs, **full)[0] == 1
+    assert best_lookup_length(0.3, 6, costs, **full, context=long)[0] == 0
     # ... and a lone row drafts fewer tokens, though it still drafts.
-    assert 0 < choose_gamma([0.8], [6], 6, costs) < choose_gamma([0.8], [6], 6, MEMORY_BOUND)
+    at_long = choose_gamma([0.8], [6], 6, costs, context=long)
+    assert 0 < at_long < choose_gamma([0.8], [6], 6, costs)
 
 
 def test_rounds_teach_the_overhead_and_the_attention_cost() -> None:
@@ -132,8 +134,8 @@ def test_rounds_teach_the_overhead_and_the_attention_cost() -> None:
         costs.observe_verify(tokens, keys, table + overhead + attention * keys)
     assert costs.overhead == pytest.approx(overhead, rel=0.1)
     assert costs.attention == pytest.approx(attention, rel=0.1)
-    costs.context = 1000
-    assert costs.verify_seconds(8) == pytest.approx(costs.target[1] + 0.3 * 7 / 63 + 0.062, 0.1)
+    expected = costs.target[1] + 0.3 * 7 / 63 + 0.062
+    assert costs.verify_seconds(8, 1000) == pytest.approx(expected, 0.1)
     costs.observe_verify(8, 8000, 5.0)  # one stalled round (a page fault storm, another process)
     assert costs.attention < 2 * attention and costs.overhead < 2 * overhead
     for _ in range(100):  # rounds faster than the table, whatever the context
