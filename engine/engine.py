@@ -212,8 +212,8 @@ class Engine:
         started = time.perf_counter()
         limit = min(capacity, self.config.max_slots * (self.gamma + 1))
         sync = self.target.synchronize
-        costs = CostModel(target=measure(verify, calibration_sizes(limit), synchronize=sync))
-        costs.learn = True
+        table = measure(verify, calibration_sizes(limit), synchronize=sync)
+        costs = CostModel(target=table, learn=True)
         # Attention over a context: the same verify of a few tokens at an empty and at a long
         # context (the trash slot's stale K/V serve as context; only the time matters).
         queries = min(4, limit)
