@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-vocab", type=int, default=0, help="draft LM head size (0 = full)")
     parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--adaptive-gamma", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--tune-prompt-gemm", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--draft-window", type=int, default=256)
     parser.add_argument("--prompt-lookup", type=int, default=3, help="0 = off")
     parser.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="int4")
@@ -246,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_kernels=args.cpu_kernels,
         fused_decoder=args.fused_decoder,
         prefix_cache=False,
+        tune_prompt_gemm=args.tune_prompt_gemm,
     )
     # The speculative engine differs from the baseline only in its speculation settings.
     spec_config = replace(

@@ -26,7 +26,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -468,7 +469,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if _native_bf16_gemm() and x.numel() >= PROMPT_NATIVE_MIN_ROWS * weight.shape[1]:
             return _native_gemm(x, weight, bias)
         if (
-            x.numel() >= PROMPT_GEMM_MIN_ROWS * weight.shape[1]
+            PROMPT_GEMM_MIN_ROWS is not None
+            and x.numel() >= PROMPT_GEMM_MIN_ROWS * weight.shape[1]
             and weight.numel() <= PROMPT_GEMM_MAX_WEIGHT
         ):
             return _prompt_gemm(x, weight, bias)
@@ -476,11 +478,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _fallback(x, weight, bias) if y is None else y
 
 
-# Inside prompt_gemm(), inputs of at least this many rows use torch's fp32 GEMM: it reaches
-# ~175 GFLOP/s here against the kernel's ~135 once the bf16 -> fp32 weight copy (a few ms for
-# the largest layer) is shared by enough rows. Weights above the limit (LM heads) stay on the
-# kernel rather than needing a scratch copy of a gigabyte.
-PROMPT_GEMM_MIN_ROWS = 128
+# Inside prompt_gemm(), inputs of at least this many rows use torch's fp32 GEMM (None: never).
+# Where it wins depends on the CPU: on one AVX2 box MKL's sgemm reached ~175 GFLOP/s against
+# the kernel's ~135 once the bf16 -> fp32 weight copy was shared by 128 rows; on a Zen 3 box the
+# kernel was faster up to 1024 rows on every layer. ``tune_prompt_gemm`` times both here.
+# Weights above the limit (LM heads) stay on the kernel rather than needing a scratch copy of a
+# gigabyte.
+PROMPT_GEMM_MIN_ROWS: int | None = 128
 PROMPT_GEMM_MAX_WEIGHT = 32 * 2**20
 # Where torch's own bf16 GEMM has native bf16 instructions under it (oneDNN on AVX512-BF16 or
 # AMX), it multiplies prompts in bf16 directly: ~400 GFLOP/s on a 2-core Zen 4 against ~120 for
@@ -530,6 +534,76 @@ def _prompt_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     weight32 = scratch[: weight.numel()].view(weight.shape).copy_(weight)
     out = F.linear(x.float(), weight32, None if bias is None else bias.float())
     return out.to(x.dtype)
+
+
+def choose_prompt_gemm_rows(
+    weight: torch.Tensor,
+    max_rows: int = 1024,
+    repeats: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> int | None:
+    """The fewest rows from which torch's fp32 GEMM beats the kernel on ``weight`` here, or None
+    if it loses at ``max_rows``.
+
+    Times both routes (interleaved, best of ``repeats``) at ``max_rows``, then at half as many
+    while the fp32 route keeps winning, down to 128: its weight copy costs the same for any
+    number of rows, so its lead only grows with them, and where it loses at the largest size
+    the shorter ones need no timing.
+    """
+    k = weight.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(max_rows, k, generator=generator).to(weight.dtype)
+    lib = _lib if _tried else _load()
+    if lib is None:
+        return None
+    routes: dict[str, Callable[[torch.Tensor], object]] = {
+        "fp32": lambda rows: _prompt_gemm(rows, weight, None),
+        "kernel": lambda rows: _run(lib, rows, weight, None),
+    }
+    with torch.inference_mode():
+        for route in routes.values():  # untimed: the scratch buffer's first-touch page faults
+            route(x[:1])
+        chosen = None
+        rows = max_rows
+        while rows >= 128:
+            best = dict.fromkeys(routes, float("inf"))
+            for _ in range(repeats):
+                for name, route in routes.items():
+                    started = clock()
+                    route(x[:rows])
+                    best[name] = min(best[name], clock() - started)
+            if best["fp32"] >= best["kernel"]:
+                break
+            chosen = rows
+            rows //= 2
+    return chosen
+
+
+def tune_prompt_gemm(weight: torch.Tensor, max_rows: int = 1024) -> int | None:
+    """Sets ``PROMPT_GEMM_MIN_ROWS`` from ``choose_prompt_gemm_rows`` the first time it is
+    called in a process and returns it; later calls keep that choice, so every engine in a
+    process prefills alike (a target-only engine and a speculative one give the same output).
+
+    A no-op where prompts take torch's native bf16 GEMM or the kernel cannot run.
+    """
+    global PROMPT_GEMM_MIN_ROWS, _prompt_gemm_tuned
+    if _prompt_gemm_tuned or _native_bf16_gemm() or weight.dtype != torch.bfloat16:
+        return PROMPT_GEMM_MIN_ROWS
+    if (_lib if _tried else _load()) is None:
+        return PROMPT_GEMM_MIN_ROWS
+    started = time.perf_counter()
+    PROMPT_GEMM_MIN_ROWS = choose_prompt_gemm_rows(weight.detach(), max_rows)
+    _prompt_gemm_tuned = True
+    where = "never" if PROMPT_GEMM_MIN_ROWS is None else f"from {PROMPT_GEMM_MIN_ROWS} rows"
+    log.info(
+        "prompt prefill: torch's fp32 GEMM %s, our kernel otherwise (timed in %.1f s)",
+        where,
+        time.perf_counter() - started,
+    )
+    return PROMPT_GEMM_MIN_ROWS
+
+
+_prompt_gemm_tuned = False
 
 
 def _native_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

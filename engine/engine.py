@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine import cpu_attention, cpu_linear
@@ -110,6 +111,19 @@ def use_cpu_kernels(model: PreTrainedModel, eager_attention: bool, weights: str 
     return patched
 
 
+def _prompt_gemm_probe(model: PreTrainedModel) -> torch.Tensor | None:
+    """The weight that stands for ``model``'s layers when timing prompt GEMMs: its largest
+    linear weight of at most half the fp32 route's limit (an MLP projection; a layer's fused
+    gate/up pair would double the start-up cost and tell the same)."""
+    limit = cpu_linear.PROMPT_GEMM_MAX_WEIGHT // 2
+    weights = [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and m.weight.dim() == 2 and m.weight.numel() <= limit
+    ]
+    return max(weights, key=lambda w: w.numel(), default=None)
+
+
 def draft_vocab_subset(size: int, vocab: int, special_ids: set[int]) -> torch.Tensor | None:
     """The first ``size`` token ids plus the special ones (EOS must stay proposable)."""
     if size <= 0 or size >= vocab:
@@ -161,6 +175,9 @@ class Engine:
         capacity = self.max_len + self.gamma + 1
         if config.cpu_kernels:
             use_cpu_kernels(target, eager_attention=True)
+            probe = _prompt_gemm_probe(target) if config.tune_prompt_gemm else None
+            if probe is not None and probe.is_cpu:
+                cpu_linear.tune_prompt_gemm(probe)  # a no-op unless bf16 on the kernel's CPU
             if draft is not None:
                 use_cpu_kernels(draft, eager_attention=False, weights=config.draft_weights)
         fused = config.cpu_kernels and config.fused_decoder

@@ -124,6 +124,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "a request reuses the K/V of the longest prefix of its prompt that a free slot "
         "still holds (a chat's earlier turns; default on)",
     )
+    _switch(
+        group,
+        "--tune-prompt-gemm",
+        "CPU without bf16 instructions: time torch's fp32 GEMM against specserve's kernel at "
+        "start-up (~1-2 s) and prefill prompts with the faster (default on)",
+    )
     _int_option(group, "--threads", 0, "CPU threads (0 = torch default)")
 
 
@@ -154,6 +160,7 @@ def build_engine(args: argparse.Namespace):
         prompt_lookup=args.prompt_lookup if speculates else 0,
         prefill_budget=args.prefill_budget,
         prefill_chunk=args.prefill_chunk,
+        tune_prompt_gemm=args.tune_prompt_gemm,
     )
     engine = Engine(
         target.model, draft.model if draft is not None else None, config, target.tokenizer

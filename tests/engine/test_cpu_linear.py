@@ -99,6 +99,92 @@ def test_falls_back_for_unsupported_inputs() -> None:
     assert xg.grad is not None
 
 
+def test_prompt_gemm_is_never_taken_when_tuned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = torch.randn(16, 64).bfloat16()
+    x = torch.randn(300, 64).bfloat16()
+    kernel = linear(x, weight)
+    monkeypatch.setattr(cpu_linear, "_NATIVE_BF16", False)
+    monkeypatch.setattr(cpu_linear, "PROMPT_GEMM_MIN_ROWS", None)
+    monkeypatch.setattr(cpu_linear, "_prompt_gemm", lambda *a: pytest.fail("fp32 route taken"))
+    with cpu_linear.prompt_gemm():
+        assert torch.equal(linear(x, weight), kernel)
+
+
+class _FakeRoutes:
+    """Both prompt routes on a fake clock: fp32 pays a fixed weight copy plus a cost per row,
+    the kernel a dearer cost per row; the calls numbered in ``spells`` (from 0, warm-ups
+    included) fall in a slow spell of the machine."""
+
+    def __init__(self, copy: float, spells: frozenset[int] = frozenset()) -> None:
+        self.now = 0.0
+        self.copy = copy
+        self.spells = spells
+        self.calls: list[tuple[str, int]] = []
+
+    def _spend(self, route: str, rows: int, seconds: float) -> None:
+        if len(self.calls) in self.spells:
+            seconds += 1000.0
+        self.calls.append((route, rows))
+        self.now += seconds
+
+    def fp32(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        self._spend("fp32", x.shape[0], self.copy + 1.0 * x.shape[0])
+        return x
+
+    def kernel(self, lib, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        self._spend("kernel", x.shape[0], 1.5 * x.shape[0])
+        return x
+
+    def choose(self, monkeypatch: pytest.MonkeyPatch, repeats: int = 2) -> int | None:
+        monkeypatch.setattr(cpu_linear, "_prompt_gemm", self.fp32)
+        monkeypatch.setattr(cpu_linear, "_run", self.kernel)
+        weight = torch.zeros(8, 16, dtype=torch.bfloat16)
+        return cpu_linear.choose_prompt_gemm_rows(
+            weight, max_rows=1024, repeats=repeats, clock=lambda: self.now
+        )
+
+
+@pytest.mark.parametrize(
+    ("copy", "want", "sizes"),
+    [
+        (100.0, 256, [1024, 512, 256, 128]),  # fp32 wins once its copy is shared by 200+ rows
+        (10.0, 128, [1024, 512, 256, 128]),  # fp32 wins at every size
+        (2000.0, None, [1024]),  # the kernel wins even at the largest: nothing else timed
+    ],
+)
+def test_prompt_gemm_rows_are_where_fp32_starts_to_win(
+    copy: float, want: int | None, sizes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routes = _FakeRoutes(copy)
+    assert routes.choose(monkeypatch) == want
+    timed = [rows for _, rows in routes.calls[2:]]  # after one untimed warm-up per route
+    assert sorted(set(timed), reverse=True) == sizes
+    assert all(timed.count(rows) == 4 for rows in sizes)  # two routes, two repeats
+
+
+def test_prompt_gemm_timing_survives_a_slow_spell(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first timed call (fp32 at 1024 rows, after the two warm-ups) is slowed down: the best
+    # of two repeats still finds the true crossover, a single timing would not.
+    assert _FakeRoutes(100.0, spells=frozenset({2})).choose(monkeypatch) == 256
+    assert _FakeRoutes(100.0, spells=frozenset({2})).choose(monkeypatch, repeats=1) is None
+
+
+def test_tuning_happens_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_linear, "_NATIVE_BF16", False)
+    monkeypatch.setattr(cpu_linear, "_prompt_gemm_tuned", False)
+    monkeypatch.setattr(cpu_linear, "PROMPT_GEMM_MIN_ROWS", 128)
+    choices = iter([512, 128])
+    monkeypatch.setattr(cpu_linear, "choose_prompt_gemm_rows", lambda *a, **k: next(choices))
+    weight = torch.zeros(8, 16, dtype=torch.bfloat16)
+    assert cpu_linear.tune_prompt_gemm(weight) == 512
+    assert cpu_linear.tune_prompt_gemm(weight) == 512  # a second engine prefills alike
+    assert cpu_linear.PROMPT_GEMM_MIN_ROWS == 512
+    monkeypatch.setattr(cpu_linear, "_prompt_gemm_tuned", False)
+    monkeypatch.setattr(cpu_linear, "_NATIVE_BF16", True)  # prompts take torch's bf16 GEMM
+    assert cpu_linear.tune_prompt_gemm(weight) == 512
+    assert next(choices) == 128  # never asked
+
+
 def _reload(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_linear, "_lib", None)
     monkeypatch.setattr(cpu_linear, "_tried", False)
@@ -521,6 +607,7 @@ def test_prompt_gemm_takes_long_inputs_only_inside_its_block(
 ) -> None:
     # native: torch's bf16 GEMM (CPUs with bf16 instructions), else the fp32 route.
     monkeypatch.setattr(cpu_linear, "_NATIVE_BF16", native)
+    monkeypatch.setattr(cpu_linear, "PROMPT_GEMM_MIN_ROWS", 128)  # as if tuned to it
     route = "_native_gemm" if native else "_prompt_gemm"
     threshold = cpu_linear.PROMPT_NATIVE_MIN_ROWS if native else cpu_linear.PROMPT_GEMM_MIN_ROWS
     g = torch.Generator().manual_seed(9)

@@ -321,6 +321,35 @@ def test_bf16_cpu_kernels_keep_speculation_token_identical() -> None:
     assert 0 < spec_engine.stats.acceptance_rate < 1
 
 
+@pytest.mark.skipif(not cpu_linear.available(), reason="CPU bf16 kernel not available here")
+@pytest.mark.parametrize("tune", [False, True])
+def test_prompt_gemm_is_tuned_on_the_targets_largest_layer(
+    tune: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import copy
+
+    base, _ = models("qwen2")
+    target = copy.deepcopy(base).to(torch.bfloat16)
+    probes: list[torch.Tensor] = []
+    monkeypatch.setattr(cpu_linear, "tune_prompt_gemm", probes.append)
+    Engine(target, None, EngineConfig(gamma=0, max_slots=1, max_len=64, tune_prompt_gemm=tune))
+    if not tune:
+        assert probes == []
+        return
+    (probe,) = probes
+    below_limit = [
+        m.weight.numel()
+        for m in target.modules()
+        if isinstance(m, torch.nn.Linear)
+        and m.weight.numel() <= cpu_linear.PROMPT_GEMM_MAX_WEIGHT // 2
+    ]
+    assert probe.dtype == torch.bfloat16 and probe.numel() == max(below_limit)
+    # The LM head is a linear too; a real one (hundreds of MB) is never timed.
+    monkeypatch.setattr(cpu_linear, "PROMPT_GEMM_MAX_WEIGHT", 2 * (probe.numel() - 1))
+    Engine(target, None, EngineConfig(gamma=0, max_slots=1, max_len=64, tune_prompt_gemm=True))
+    assert probes[-1].numel() < probe.numel()
+
+
 def test_draft_catches_up_lazily_with_a_cache_as_if_it_had_followed_along() -> None:
     from engine.gamma import CostModel
 
