@@ -244,12 +244,13 @@ class Engine:
             times = measure(verify_at, [0, context], synchronize=sync)
             costs.attention = max(0.0, (times[context] - times[0]) / (queries * context))
         if self.proposer is not None:
+            draft_sync = self.proposer.runner.synchronize
             sizes = calibration_sizes(min(capacity, self.config.max_slots))
-            costs.draft = measure(draft, sizes, synchronize=sync)
+            costs.draft = measure(draft, sizes, synchronize=draft_sync)
             tokens = min(capacity, CATCH_UP_CALIBRATION)
             batch = RaggedBatch([[0] * tokens], [trash], [0], [tokens])
             prefill = self.proposer.runner.prefill
-            seconds = measure(lambda _: prefill(batch), [tokens], synchronize=sync)
+            seconds = measure(lambda _: prefill(batch), [tokens], synchronize=draft_sync)
             costs.draft_catch_up = seconds[tokens] / tokens
         log.info("adaptive gamma calibrated in %.1f s", time.perf_counter() - started)
         return costs

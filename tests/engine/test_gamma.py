@@ -254,19 +254,23 @@ def test_calibration_waits_for_the_device_after_every_timed_forward(
     calls: list[int] = []
     real_forward = eng.target.forward
     events: list[str] = []
-    eng.target.forward = lambda *a, **k: (events.append("forward"), real_forward(*a, **k))[1]
-    eng.target.synchronize = lambda: events.append("wait")  # type: ignore[method-assign]
-    eng.proposer.runner.forward = lambda *a, **k: events.append("forward")
-    eng.proposer.runner.prefill = lambda *a, **k: events.append("forward")
+    eng.target.forward = lambda *a, **k: (events.append("target"), real_forward(*a, **k))[1]
+    eng.target.synchronize = lambda: events.append("wait target")  # type: ignore[method-assign]
+    runner = eng.proposer.runner
+    runner.forward = lambda *a, **k: events.append("draft")
+    runner.prefill = lambda *a, **k: events.append("draft")
+    runner.synchronize = lambda: events.append("wait draft")  # type: ignore[method-assign]
     eng._calibrate()
-    # Every forward, timed or warm-up, is followed by a wait before the clock is read.
-    assert events and events == ["forward", "wait"] * (len(events) // 2)
+    # Every forward, timed or warm-up, is followed by a wait on its own model's device before
+    # the clock is read (the two models could sit on different devices).
+    pairs = list(zip(events[::2], events[1::2], strict=True))
+    assert pairs and all(wait == f"wait {model}" for model, wait in pairs)
     verify_sizes = len(gamma.calibration_sizes(min(eng.target.capacity, 2 * 3)))
     draft_sizes = len(gamma.calibration_sizes(2))
     # Per table a warm-up, then 3 timed calls per size: verify, attention (2 sizes), draft
     # steps, the draft catch-up (1 size).
-    expected = (1 + 3 * verify_sizes) + (1 + 3 * 2) + (1 + 3 * draft_sizes) + (1 + 3)
-    assert events.count("wait") == expected
+    assert events.count("wait target") == (1 + 3 * verify_sizes) + (1 + 3 * 2)
+    assert events.count("wait draft") == (1 + 3 * draft_sizes) + (1 + 3)
     # What a wait is: nothing on CPU, torch.cuda.synchronize on a CUDA device.
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
     runner = Engine(target, None, EngineConfig(gamma=0, max_slots=1, max_len=64)).target
