@@ -8,7 +8,8 @@ nearly free; they also give every output element the same summation order whatev
 so verify and plain decoding produce bit-identical logits. ``linear_bf16.c`` runs on AVX2 and
 FMA; on CPUs with AVX512-BF16 ``linear_avx512.c`` takes over (``isa``, ``set_isa``,
 ``SPECSERVE_CPU_ISA=avx2`` to keep the AVX2 one). Prompt prefill, which needs no batch
-invariance, goes to torch's own GEMM (``prompt_gemm``).
+invariance, goes to a GEMM built for long inputs (``csrc/gemm_bf16.c``) or to torch's own
+(``prompt_gemm``).
 
 The kernel is compiled on first use with the system gcc into the specserve cache and loaded with
 ctypes. Anything that goes wrong (no gcc, no AVX2, a failed build or self-check) logs one
@@ -45,6 +46,7 @@ _SOURCES = tuple(
     for name in (
         "linear_bf16.c",
         "linear_avx512.c",
+        "gemm_bf16.c",
         "linear_int8.c",
         "linear_int4.c",
         "attention_bf16.c",
@@ -130,6 +132,9 @@ def _self_check(lib: ctypes.CDLL) -> None:
     want = F.linear(x, w.float(), bias)
     if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         raise RuntimeError("kernel self-check gave wrong results")
+    got = _run_gemm(lib, x, w, bias)
+    if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        raise RuntimeError("prompt GEMM self-check gave wrong results")
     x = torch.randn(3, 64, generator=generator)
     qweight, scale = quantize_int8(torch.randn(5, 64, generator=generator).bfloat16())
     got = _run_int8(lib, x, pack_int8(qweight), 5, scale, bias[:5])
@@ -169,6 +174,8 @@ def _load() -> ctypes.CDLL | None:
                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
             ]  # fmt: skip
+            lib.specserve_gemm_bf16.restype = ctypes.c_int
+            lib.specserve_gemm_bf16.argtypes = fn.argtypes
             int8 = lib.specserve_linear_int8
             int8.restype = ctypes.c_int
             int8.argtypes = [
@@ -247,6 +254,19 @@ def _run(
     x, bias, y = _operands(x, bias, weight.shape[0])
     n, k = weight.shape
     status = lib.specserve_linear_bf16(
+        x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
+        y.data_ptr(), x.numel() // k, n, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
+    )  # fmt: skip
+    return y if status == 0 else None
+
+
+def _run_gemm(
+    lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``_run``'s product through ``csrc/gemm_bf16.c``, the GEMM for long inputs (prompts)."""
+    x, bias, y = _operands(x, bias, weight.shape[0])
+    n, k = weight.shape
+    status = lib.specserve_gemm_bf16(
         x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
         y.data_ptr(), x.numel() // k, n, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
@@ -474,18 +494,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and weight.numel() <= PROMPT_GEMM_MAX_WEIGHT
         ):
             return _prompt_gemm(x, weight, bias)
+        if x.numel() >= PROMPT_TILED_MIN_ROWS * weight.shape[1]:
+            y = _run_gemm(lib, x, weight, bias)
+            if y is not None:
+                return y
     y = _run(lib, x, weight, bias)
     return _fallback(x, weight, bias) if y is None else y
 
 
 # Inside prompt_gemm(), inputs of at least this many rows use torch's fp32 GEMM (None: never).
 # Where it wins depends on the CPU: on one AVX2 box MKL's sgemm reached ~175 GFLOP/s against
-# the kernel's ~135 once the bf16 -> fp32 weight copy was shared by 128 rows; on a Zen 3 box the
-# kernel was faster up to 1024 rows on every layer. ``tune_prompt_gemm`` times both here.
+# the decode kernel's ~135 once the bf16 -> fp32 weight copy was shared by 128 rows; on a Zen 3
+# box even the decode kernel was faster up to 1024 rows on every layer, and our prompt GEMM
+# (below) is faster still. ``tune_prompt_gemm`` times torch's against ours here.
 # Weights above the limit (LM heads) stay on the kernel rather than needing a scratch copy of a
 # gigabyte.
 PROMPT_GEMM_MIN_ROWS: int | None = 128
 PROMPT_GEMM_MAX_WEIGHT = 32 * 2**20
+# Inside prompt_gemm(), inputs of at least this many rows that the fp32 route does not take go
+# to csrc/gemm_bf16.c instead of the decode kernel (it packs 16 weight rows at a time, which a
+# few rows of x do not repay). One layer of the 1.5B target on a Zen 3 box, GEMM vs decode
+# kernel, ms: 64 rows 58 vs 58, 128 rows 103 vs 119, 256 rows 194 vs 244, 1024 rows 771 vs 1002.
+PROMPT_TILED_MIN_ROWS = 96
 # Where torch's own bf16 GEMM has native bf16 instructions under it (oneDNN on AVX512-BF16 or
 # AMX), it multiplies prompts in bf16 directly: ~400 GFLOP/s on a 2-core Zen 4 against ~120 for
 # the fp32 route above, and no weight copy. From this many rows on it matches our AVX512 kernel
@@ -542,8 +572,8 @@ def choose_prompt_gemm_rows(
     repeats: int = 2,
     clock: Callable[[], float] = time.perf_counter,
 ) -> int | None:
-    """The fewest rows from which torch's fp32 GEMM beats the kernel on ``weight`` here, or None
-    if it loses at ``max_rows``.
+    """The fewest rows from which torch's fp32 GEMM beats ours (``csrc/gemm_bf16.c``) on
+    ``weight`` here, or None if it loses at ``max_rows``.
 
     Times both routes (interleaved, best of ``repeats``) at ``max_rows``, then at half as many
     while the fp32 route keeps winning, down to 128: its weight copy costs the same for any
@@ -558,7 +588,7 @@ def choose_prompt_gemm_rows(
         return None
     routes: dict[str, Callable[[torch.Tensor], object]] = {
         "fp32": lambda rows: _prompt_gemm(rows, weight, None),
-        "kernel": lambda rows: _run(lib, rows, weight, None),
+        "ours": lambda rows: _run_gemm(lib, rows, weight, None),
     }
     with torch.inference_mode():
         for route in routes.values():  # untimed: the scratch buffer's first-touch page faults
@@ -572,7 +602,7 @@ def choose_prompt_gemm_rows(
                     started = clock()
                     route(x[:rows])
                     best[name] = min(best[name], clock() - started)
-            if best["fp32"] >= best["kernel"]:
+            if best["fp32"] >= best["ours"]:
                 break
             chosen = rows
             rows //= 2

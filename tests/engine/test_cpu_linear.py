@@ -99,15 +99,57 @@ def test_falls_back_for_unsupported_inputs() -> None:
     assert xg.grad is not None
 
 
-def test_prompt_gemm_is_never_taken_when_tuned_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    weight = torch.randn(16, 64).bfloat16()
-    x = torch.randn(300, 64).bfloat16()
-    kernel = linear(x, weight)
+def test_long_prompt_inputs_take_the_prompt_gemm_unless_the_fp32_route_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(cpu_linear, "_NATIVE_BF16", False)
-    monkeypatch.setattr(cpu_linear, "PROMPT_GEMM_MIN_ROWS", None)
+    monkeypatch.setattr(cpu_linear, "PROMPT_GEMM_MIN_ROWS", None)  # as tuned on a Zen 3 box
     monkeypatch.setattr(cpu_linear, "_prompt_gemm", lambda *a: pytest.fail("fp32 route taken"))
+    rows = cpu_linear.PROMPT_TILED_MIN_ROWS
+    x, weight, bias = _inputs(rows + 200, 40, 64)
+    calls: list[int] = []
+    real = cpu_linear._run_gemm
+    monkeypatch.setattr(
+        cpu_linear, "_run_gemm", lambda lib, x, *a: calls.append(x.shape[0]) or real(lib, x, *a)
+    )
+    outside = linear(x, weight, bias)
     with cpu_linear.prompt_gemm():
-        assert torch.equal(linear(x, weight), kernel)
+        inside = linear(x, weight, bias)
+        short = linear(x[: rows - 1], weight, bias)
+    assert calls == [rows + 200]  # neither outside the block nor for a short input
+    assert torch.equal(short, outside[: rows - 1])  # the decode kernel's result
+    want = F.linear(x.double(), weight.double(), bias.double()).float()
+    torch.testing.assert_close(inside, want, rtol=1e-5, atol=1e-5)
+
+
+# M: one tile, ragged tiles, across the 256-row blocks; N: ragged 16-column panels; K: below,
+# at and across the 8-column transposes and the 256-column blocks.
+@pytest.mark.parametrize("m", [1, 6, 7, 97, 300])
+@pytest.mark.parametrize("n,k", [(1, 1), (16, 8), (17, 9), (40, 300), (5, 530)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_prompt_gemm_matches_the_reference(m: int, n: int, k: int, with_bias: bool) -> None:
+    x, w, b = _inputs(m, n, k, seed=m + n + k)
+    bias = b if with_bias else None
+    lib = cpu_linear._load()
+    got = cpu_linear._run_gemm(lib, x, w, bias)
+    want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    xb = x.bfloat16()
+    got_b = cpu_linear._run_gemm(lib, xb, w, None if bias is None else bias.bfloat16())
+    assert got_b.dtype == torch.bfloat16
+    bias_b = None if bias is None else bias.bfloat16().double()
+    want_b = F.linear(xb.double(), w.double(), bias_b)
+    torch.testing.assert_close(got_b.double(), want_b, rtol=1e-2, atol=1e-2)
+
+
+def test_prompt_gemm_gives_a_row_the_same_result_in_any_batch() -> None:
+    # Each output is one lane summed over k in order, whatever tile, block or thread holds it.
+    x, w, b = _inputs(300, 40, 530)
+    lib = cpu_linear._load()
+    whole = cpu_linear._run_gemm(lib, x, w, b)
+    for row in (0, 5, 6, 255, 299):
+        assert torch.equal(cpu_linear._run_gemm(lib, x[row : row + 1], w, b)[0], whole[row])
+    assert torch.equal(cpu_linear._run_gemm(lib, x[250:], w, b), whole[250:])
 
 
 class _FakeRoutes:
@@ -137,7 +179,7 @@ class _FakeRoutes:
 
     def choose(self, monkeypatch: pytest.MonkeyPatch, repeats: int = 2) -> int | None:
         monkeypatch.setattr(cpu_linear, "_prompt_gemm", self.fp32)
-        monkeypatch.setattr(cpu_linear, "_run", self.kernel)
+        monkeypatch.setattr(cpu_linear, "_run_gemm", self.kernel)
         weight = torch.zeros(8, 16, dtype=torch.bfloat16)
         return cpu_linear.choose_prompt_gemm_rows(
             weight, max_rows=1024, repeats=repeats, clock=lambda: self.now
