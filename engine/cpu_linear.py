@@ -514,7 +514,7 @@ PROMPT_GEMM_MAX_WEIGHT = 32 * 2**20
 # Inside prompt_gemm(), inputs of at least this many rows that the fp32 route does not take go
 # to csrc/gemm_bf16.c instead of the decode kernel (it packs 16 weight rows at a time, which a
 # few rows of x do not repay). One layer of the 1.5B target on a Zen 3 box, GEMM vs decode
-# kernel, ms: 64 rows 58 vs 58, 128 rows 103 vs 119, 256 rows 194 vs 244, 1024 rows 771 vs 1002.
+# kernel, ms: 64 rows 58 vs 60, 128 rows 101 vs 120, 256 rows 186 vs 242, 1024 rows 782 vs 1003.
 PROMPT_TILED_MIN_ROWS = 96
 # Where torch's own bf16 GEMM has native bf16 instructions under it (oneDNN on AVX512-BF16 or
 # AMX), it multiplies prompts in bf16 directly: ~400 GFLOP/s on a 2-core Zen 4 against ~120 for

@@ -97,6 +97,8 @@ static void micro(const float *xp, const float *wp, int64_t kc, float *c, int ac
         a00 = a01 = a10 = a11 = a20 = a21 = _mm256_setzero_ps();
         a30 = a31 = a40 = a41 = a50 = a51 = _mm256_setzero_ps();
     }
+    /* Unrolled: the loop's own counter and address updates otherwise cost ~10 %. */
+#pragma GCC unroll 4
     for (int64_t k = 0; k < kc; k++) {
         const __m256 lo = _mm256_load_ps(wp + k * NR), hi = _mm256_load_ps(wp + k * NR + 8);
         const float *xk = xp + k * MR;
