@@ -626,7 +626,7 @@ def tune_prompt_gemm(weight: torch.Tensor, max_rows: int = 1024) -> int | None:
     _prompt_gemm_tuned = True
     where = "never" if PROMPT_GEMM_MIN_ROWS is None else f"from {PROMPT_GEMM_MIN_ROWS} rows"
     log.info(
-        "prompt prefill: torch's fp32 GEMM %s, our kernel otherwise (timed in %.1f s)",
+        "prompt prefill: torch's fp32 GEMM %s, ours otherwise (timed in %.1f s)",
         where,
         time.perf_counter() - started,
     )
