@@ -74,7 +74,8 @@ class RoundPlan:
 
 # A draft slot this many tokens behind catches up in its own forward rather than the draft step.
 CATCH_UP_ALONE = 3
-CATCH_UP_CALIBRATION = 64  # tokens of the draft prefill timed at start-up
+# Sizes of the draft catch-up timed at start-up: a few tokens behind, a short prompt, a window.
+CATCH_UP_CALIBRATION = (16, 64, 256)
 ATTENTION_CALIBRATION = 1024  # context of the verify timed against an empty one at start-up
 
 
@@ -247,11 +248,14 @@ class Engine:
             draft_sync = self.proposer.runner.synchronize
             sizes = calibration_sizes(min(capacity, self.config.max_slots))
             costs.draft = measure(draft, sizes, synchronize=draft_sync)
-            tokens = min(capacity, CATCH_UP_CALIBRATION)
-            batch = RaggedBatch([[0] * tokens], [trash], [0], [tokens])
             prefill = self.proposer.runner.prefill
-            seconds = measure(lambda _: prefill(batch), [tokens], synchronize=draft_sync)
-            costs.draft_catch_up = seconds[tokens] / tokens
+
+            def catch_up(tokens: int) -> None:
+                prefill(RaggedBatch([[0] * tokens], [trash], [0], [tokens]))
+
+            sizes = [t for t in CATCH_UP_CALIBRATION if t <= capacity] or [capacity]
+            # Two rounds are enough for forwards this long, and spare a second of start-up.
+            costs.draft_catch_up = measure(catch_up, sizes, repeats=2, synchronize=draft_sync)
         log.info("adaptive gamma calibrated in %.1f s", time.perf_counter() - started)
         return costs
 

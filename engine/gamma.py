@@ -72,8 +72,10 @@ class CostModel:
 
     target: dict[int, float] = field(default_factory=dict)  # tokens -> seconds at context 0
     draft: dict[int, float] = field(default_factory=dict)
-    # Seconds per token of copying context into a draft slot (a prompt-style forward).
-    draft_catch_up: float = 0.0
+    # Seconds of copying that many tokens of context into draft slots (a prompt-style forward).
+    # A table, not a rate per token: on a CPU a long copy takes a faster GEMM than a short one
+    # (7 vs 11 ms a token at 256 vs 64 tokens on a Zen 3 box).
+    draft_catch_up: dict[int, float] = field(default_factory=dict)
     # Target seconds per (query token, context token): the table is timed at an empty context,
     # but a verify token at a 1500-token context pays ~5 ms more on a 2-core CPU, which makes
     # extra tokens dearer than the table says exactly where the batch is large.
@@ -134,6 +136,10 @@ class CostModel:
         """A verify forward of ``tokens`` tokens whose rows hold ``context`` tokens on average."""
         attention = self.attention * context * tokens
         return self._lookup(self.target, tokens) + self.overhead + attention
+
+    def catch_up_seconds(self, tokens: int) -> float:
+        """One draft catch-up forward over ``tokens`` tokens (0 without a table)."""
+        return self._lookup(self.draft_catch_up, tokens) if self.draft_catch_up else 0.0
 
     def round_seconds(
         self, rows: int, gamma: int, other_tokens: int = 0, context: float = 0.0
@@ -217,14 +223,14 @@ def catch_up_pays(
 
     The catch-up is a one-off forward that stalls the whole batch; drafting then saves time on
     each of the row's ``remaining`` tokens. Judged, like the rest, as if every one of ``rows``
-    rows made the same choice: B catch-ups against B rows' savings per token.
+    rows made the same choice: B rows' catch-ups (one forward) against their savings.
     """
     gamma = choose_gamma([alpha] * rows, [cap] * rows, cap, costs, context=context)
     if gamma == 0:
         return False
     plain = costs.round_seconds(rows, 0, context=context)
     drafted = costs.round_seconds(rows, gamma, context=context) / expected_tokens(alpha, gamma)
-    return remaining * (plain - drafted) > rows * missing * costs.draft_catch_up
+    return remaining * (plain - drafted) > costs.catch_up_seconds(rows * missing)
 
 
 def choose_gamma(

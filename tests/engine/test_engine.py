@@ -403,19 +403,19 @@ def test_a_new_row_drafts_only_if_its_tokens_can_repay_the_draft_prefill() -> No
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     # Drafting pays per round, but copying the prompt into the draft would cost more than
     # drafting could save over 20 tokens: plain decoding, and the draft never runs.
-    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.1}, draft_catch_up=1.0)
+    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.1}, draft_catch_up={1: 1.0})
     (result,) = eng.generate([PROMPTS[2]], params)
     assert result.token_ids == hf_greedy("llama")[2]
     assert draft_forwards == [] and eng.stats.drafted == 0
     # Prompt lookup still serves such a row: it needs no catch-up.
     lookup = Engine(target, perturbed(target, 0.05), replace(config, prompt_lookup=3))
-    lookup.costs = replace(eng.costs, draft_catch_up=5.0)  # its prompt is shorter
+    lookup.costs = replace(eng.costs, draft_catch_up={1: 5.0})  # its prompt is shorter
     repeating = [5, 6, 7, 8, 9, 5, 6, 7]
     (result,) = lookup.generate([repeating], params)
     assert result.token_ids == hf_greedy("llama", (tuple(repeating),))[0]
     assert lookup.stats.ngram_drafted > 0 and lookup.stats.drafted == lookup.stats.ngram_drafted
     # A cheap copy: the same request drafts.
-    eng.costs.draft_catch_up = 0.001
+    eng.costs.draft_catch_up = {1: 0.001}
     (result,) = eng.generate([PROMPTS[2]], params)
     assert result.token_ids == hf_greedy("llama")[2]
     assert draft_forwards and eng.stats.drafted > 0
@@ -427,7 +427,7 @@ def _catch_up_judging_engine(target, draft, config: EngineConfig) -> tuple[Engin
     from engine.gamma import CostModel
 
     eng = Engine(target, draft, config)
-    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.1}, draft_catch_up=0.2)
+    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.1}, draft_catch_up={1: 0.2})
     rounds: list = []
     eng.on_round = rounds.append
     return eng, rounds

@@ -6,7 +6,7 @@ import pytest
 
 from engine import gamma
 from engine.config import EngineConfig, SamplingParams
-from engine.engine import Engine
+from engine.engine import CATCH_UP_CALIBRATION, Engine
 from engine.gamma import (
     AcceptanceEstimate,
     CostModel,
@@ -197,7 +197,7 @@ def test_measure_waits_for_an_asynchronous_device(monkeypatch: pytest.MonkeyPatc
 
 
 def test_catch_up_pays_only_when_the_remaining_tokens_repay_it() -> None:
-    costs = replace(MEMORY_BOUND, draft_catch_up=0.005)  # 256 tokens: 1.28 s
+    costs = replace(MEMORY_BOUND, draft_catch_up={1: 0.005})  # 256 tokens: 1.28 s
     # Alone, with 60 tokens to go and a good draft, a prompt-sized catch-up pays for itself...
     assert catch_up_pays(0.8, 6, remaining=60, missing=256, rows=1, costs=costs)
     # ... but not for a short answer, nor for a row whose draft is poor.
@@ -207,6 +207,22 @@ def test_catch_up_pays_only_when_the_remaining_tokens_repay_it() -> None:
     assert catch_up_pays(0.8, 6, remaining=4, missing=8, rows=1, costs=costs)
     # Under load each row's saving shrinks while every row's catch-up stalls the whole batch.
     assert not catch_up_pays(0.8, 6, remaining=60, missing=256, rows=8, costs=costs)
+
+
+def test_catch_up_cost_follows_its_table_not_a_rate_per_token() -> None:
+    # A long copy runs a faster GEMM per token than a short one: priced at the short copy's
+    # rate a 256-token window would not pay for itself here; at its own measured cost it does.
+    short_rate = replace(MEMORY_BOUND, draft_catch_up={16: 0.32})  # 20 ms a token
+    table = replace(MEMORY_BOUND, draft_catch_up={16: 0.32, 256: 2.0})  # 7.8 ms a token
+    assert table.catch_up_seconds(256) == pytest.approx(2.0)
+    assert table.catch_up_seconds(136) == pytest.approx(1.16)  # interpolated
+    assert table.catch_up_seconds(512) == pytest.approx(4.0)  # linear past the largest
+    assert table.catch_up_seconds(4) == pytest.approx(0.32)  # a forward costs its smallest
+    assert CostModel().catch_up_seconds(100) == 0.0
+    assert not catch_up_pays(0.8, 6, remaining=60, missing=256, rows=1, costs=short_rate)
+    assert catch_up_pays(0.8, 6, remaining=60, missing=256, rows=1, costs=table)
+    # B rows catch up in one forward of B windows.
+    assert not catch_up_pays(0.8, 6, remaining=60, missing=256, rows=8, costs=table)
 
 
 def test_rows_that_do_not_draft_make_drafting_dearer() -> None:
@@ -268,9 +284,10 @@ def test_calibration_waits_for_the_device_after_every_timed_forward(
     verify_sizes = len(gamma.calibration_sizes(min(eng.target.capacity, 2 * 3)))
     draft_sizes = len(gamma.calibration_sizes(2))
     # Per table a warm-up, then 3 timed calls per size: verify, attention (2 sizes), draft
-    # steps, the draft catch-up (1 size).
+    # steps; the draft catch-up gets 2 timed calls per size.
     assert events.count("wait target") == (1 + 3 * verify_sizes) + (1 + 3 * 2)
-    assert events.count("wait draft") == (1 + 3 * draft_sizes) + (1 + 3)
+    catch_up_sizes = len([t for t in CATCH_UP_CALIBRATION if t <= eng.target.capacity])
+    assert events.count("wait draft") == (1 + 3 * draft_sizes) + (1 + 2 * catch_up_sizes)
     # What a wait is: nothing on CPU, torch.cuda.synchronize on a CUDA device.
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
     runner = Engine(target, None, EngineConfig(gamma=0, max_slots=1, max_len=64)).target
