@@ -29,9 +29,9 @@ class EngineConfig:
     # cannot: the target verifies.
     draft_weights: str = "int4"
     # With the CPU kernels on a CPU without bf16 instructions: time torch's fp32 GEMM against
-    # our kernel on one of the target's layers at start-up and send prompts to whichever is
-    # faster at their length (engine/cpu_linear.py ``tune_prompt_gemm``; once per process).
-    # Off: prompts of 128+ rows take the fp32 GEMM.
+    # our prompt GEMM on one of the target's layers at start-up and send prompts to whichever
+    # is faster at their length (engine/cpu_linear.py ``tune_prompt_gemm``; once per process).
+    # Off: prompts always take ours.
     tune_prompt_gemm: bool = False
     # With the CPU kernels: Llama/Qwen2/Qwen3 run our own layer loop (engine/fused_decoder.py)
     # instead of transformers' modules; same weights, same numbers, a fraction of the glue.

@@ -506,10 +506,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # Where it wins depends on the CPU: on one AVX2 box MKL's sgemm reached ~175 GFLOP/s against
 # the decode kernel's ~135 once the bf16 -> fp32 weight copy was shared by 128 rows; on a Zen 3
 # box even the decode kernel was faster up to 1024 rows on every layer, and our prompt GEMM
-# (below) is faster still. ``tune_prompt_gemm`` times torch's against ours here.
-# Weights above the limit (LM heads) stay on the kernel rather than needing a scratch copy of a
-# gigabyte.
-PROMPT_GEMM_MIN_ROWS: int | None = 128
+# (below) is faster still, so untimed it is never taken. ``tune_prompt_gemm`` times torch's
+# against ours here. Weights above the limit (LM heads) stay on our kernels rather than
+# needing a scratch copy of a gigabyte.
+PROMPT_GEMM_MIN_ROWS: int | None = None
 PROMPT_GEMM_MAX_WEIGHT = 32 * 2**20
 # Inside prompt_gemm(), inputs of at least this many rows that the fp32 route does not take go
 # to csrc/gemm_bf16.c instead of the decode kernel (it packs 16 weight rows at a time, which a

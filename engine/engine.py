@@ -254,8 +254,7 @@ class Engine:
                 prefill(RaggedBatch([[0] * tokens], [trash], [0], [tokens]))
 
             sizes = [t for t in CATCH_UP_CALIBRATION if t <= capacity] or [capacity]
-            # Two rounds are enough for forwards this long, and spare a second of start-up.
-            costs.draft_catch_up = measure(catch_up, sizes, repeats=2, synchronize=draft_sync)
+            costs.draft_catch_up = measure(catch_up, sizes, synchronize=draft_sync)
         log.info("adaptive gamma calibrated in %.1f s", time.perf_counter() - started)
         return costs
 
