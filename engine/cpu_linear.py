@@ -493,7 +493,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and x.numel() >= PROMPT_GEMM_MIN_ROWS * weight.shape[1]
             and weight.numel() <= PROMPT_GEMM_MAX_WEIGHT
         ):
-            return _prompt_gemm(x, weight, bias)
+            return _torch_fp32_gemm(x, weight, bias)
         if x.numel() >= PROMPT_TILED_MIN_ROWS * weight.shape[1]:
             y = _run_gemm(lib, x, weight, bias)
             if y is not None:
@@ -555,7 +555,9 @@ def prompt_gemm() -> Iterator[None]:
         _prompt_mode.on = previous
 
 
-def _prompt_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _torch_fp32_gemm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     scratch = getattr(_prompt_mode, "scratch", None)
     if scratch is None or scratch.numel() < weight.numel():
         # One buffer per thread, grown to the largest layer: a fresh fp32 tensor per call would
@@ -587,7 +589,7 @@ def choose_prompt_gemm_rows(
     if lib is None:
         return None
     routes: dict[str, Callable[[torch.Tensor], object]] = {
-        "fp32": lambda rows: _prompt_gemm(rows, weight, None),
+        "fp32": lambda rows: _torch_fp32_gemm(rows, weight, None),
         "ours": lambda rows: _run_gemm(lib, rows, weight, None),
     }
     with torch.inference_mode():

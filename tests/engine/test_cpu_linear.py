@@ -104,7 +104,7 @@ def test_long_prompt_inputs_take_the_prompt_gemm_unless_the_fp32_route_wins(
 ) -> None:
     monkeypatch.setattr(cpu_linear, "_NATIVE_BF16", False)
     monkeypatch.setattr(cpu_linear, "PROMPT_GEMM_MIN_ROWS", None)  # as tuned on a Zen 3 box
-    monkeypatch.setattr(cpu_linear, "_prompt_gemm", lambda *a: pytest.fail("fp32 route taken"))
+    monkeypatch.setattr(cpu_linear, "_torch_fp32_gemm", lambda *a: pytest.fail("fp32 route taken"))
     rows = cpu_linear.PROMPT_TILED_MIN_ROWS
     x, weight, bias = _inputs(rows + 200, 40, 64)
     calls: list[int] = []
@@ -178,7 +178,7 @@ class _FakeRoutes:
         return x
 
     def choose(self, monkeypatch: pytest.MonkeyPatch, repeats: int = 2) -> int | None:
-        monkeypatch.setattr(cpu_linear, "_prompt_gemm", self.fp32)
+        monkeypatch.setattr(cpu_linear, "_torch_fp32_gemm", self.fp32)
         monkeypatch.setattr(cpu_linear, "_run_gemm", self.kernel)
         weight = torch.zeros(8, 16, dtype=torch.bfloat16)
         return cpu_linear.choose_prompt_gemm_rows(
@@ -650,7 +650,7 @@ def test_prompt_gemm_takes_long_inputs_only_inside_its_block(
     # native: torch's bf16 GEMM (CPUs with bf16 instructions), else the fp32 route.
     monkeypatch.setattr(cpu_linear, "_NATIVE_BF16", native)
     monkeypatch.setattr(cpu_linear, "PROMPT_GEMM_MIN_ROWS", 128)  # as if tuned to it
-    route = "_native_gemm" if native else "_prompt_gemm"
+    route = "_native_gemm" if native else "_torch_fp32_gemm"
     threshold = cpu_linear.PROMPT_NATIVE_MIN_ROWS if native else cpu_linear.PROMPT_GEMM_MIN_ROWS
     g = torch.Generator().manual_seed(9)
     weight = torch.randn(48, 64, generator=g).bfloat16()
