@@ -243,34 +243,36 @@ def _operands(
     return x.contiguous(), bias, torch.empty((*x.shape[:-1], n), dtype=x.dtype)
 
 
-def _run(
-    lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+def _bf16_product(
+    entry: Callable[..., int], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """``x[..., K] @ weight[N, K]^T + bias`` for a contiguous bf16 ``weight``, ``x`` fp32 or bf16.
+    """``x[..., K] @ weight[N, K]^T + bias`` for a contiguous bf16 ``weight``, ``x`` fp32 or
+    bf16, by one of the library's bf16 entry points (they share a signature).
 
-    Returns None if the kernel could not allocate its (small) scratch buffer.
+    Returns None if the kernel could not allocate its scratch buffers.
     """
     # Called ~200 times per decode step, so it avoids reshapes and other per-call tensor ops.
     x, bias, y = _operands(x, bias, weight.shape[0])
     n, k = weight.shape
-    status = lib.specserve_linear_bf16(
+    status = entry(
         x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
         y.data_ptr(), x.numel() // k, n, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     return y if status == 0 else None
+
+
+def _run(
+    lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The product by the decode kernel (``csrc/linear_bf16.c`` or ``linear_avx512.c``)."""
+    return _bf16_product(lib.specserve_linear_bf16, x, weight, bias)
 
 
 def _run_gemm(
     lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """``_run``'s product through ``csrc/gemm_bf16.c``, the GEMM for long inputs (prompts)."""
-    x, bias, y = _operands(x, bias, weight.shape[0])
-    n, k = weight.shape
-    status = lib.specserve_gemm_bf16(
-        x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
-        y.data_ptr(), x.numel() // k, n, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
-    )  # fmt: skip
-    return y if status == 0 else None
+    """The product by the GEMM for long inputs (prompts), ``csrc/gemm_bf16.c``."""
+    return _bf16_product(lib.specserve_gemm_bf16, x, weight, bias)
 
 
 def quantize_int8(weight: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:

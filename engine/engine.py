@@ -118,9 +118,7 @@ def _prompt_gemm_probe(model: PreTrainedModel) -> torch.Tensor | None:
     gate/up pair would double the start-up cost and tell the same)."""
     limit = cpu_linear.PROMPT_GEMM_MAX_WEIGHT // 2
     weights = [
-        m.weight
-        for m in model.modules()
-        if isinstance(m, nn.Linear) and m.weight.dim() == 2 and m.weight.numel() <= limit
+        m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.numel() <= limit
     ]
     return max(weights, key=lambda w: w.numel(), default=None)
 

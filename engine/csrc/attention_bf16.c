@@ -62,11 +62,6 @@
 #define MAX_ROWS 32 /* queries per work item: bounds the scores scratch (MAX_ROWS x S) */
 #define TILE 6      /* queries per P @ V tile: 6 x 2 accumulators + 2 V rows + p in 16 ymm */
 
-static inline __m256 load_bf16x8(const uint16_t *p) {
-    __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
 /* Lane l of the result is the sum of a[l]'s lanes, added as ((x0 + x1) + (x2 + x3)) +
  * ((x4 + x5) + (x6 + x7)) for every l (hadd adds neighbours, then neighbouring pairs, then the
  * 128-bit halves), so a sum never depends on which lane it lands in. */

@@ -39,6 +39,12 @@ static inline void store_output(void *y, int64_t at, float v, const void *bias, 
     store_io(y, at, v, bf16_io);
 }
 
+/* 8 bf16 values as fp32: exact, a bf16 is the top half of its fp32. */
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

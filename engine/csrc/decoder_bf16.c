@@ -115,12 +115,8 @@ static inline float exp_scalar(float x) {
     return p * scale;
 }
 
-/* 8 bf16 -> fp32, and back with round to nearest even (inputs here are never NaN). */
-static inline __m256 load8_bf16(const uint16_t *p) {
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
+/* 8 fp32 -> bf16 with round to nearest even (inputs here are never NaN); load_bf16x8 in
+ * bf16.h goes the other way. */
 static inline __m256i round8_bf16_bits(__m256 v) {
     __m256i u = _mm256_castps_si256(v);
     __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -154,10 +150,10 @@ int specserve_silu_mul(const uint16_t *gate, const uint16_t *up, int64_t ld, uin
 #pragma omp parallel for num_threads(threads) if (rows * width >= PARALLEL_MIN)
     for (int64_t job = 0; job < rows * vectors; job++) {
         int64_t r = job / vectors, i = job % vectors * 8;
-        __m256 g = load8_bf16(gate + r * ld + i);
+        __m256 g = load_bf16x8(gate + r * ld + i);
         __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
         __m256 act = round8_bf16(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
-        store8_bf16(out + r * width + i, _mm256_mul_ps(act, load8_bf16(up + r * ld + i)));
+        store8_bf16(out + r * width + i, _mm256_mul_ps(act, load_bf16x8(up + r * ld + i)));
     }
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = vectors * 8; i < width; i++)

@@ -40,11 +40,6 @@ static void pack_x(const void *x, int64_t m0, int64_t M, int64_t K, int bf16_io,
     }
 }
 
-static inline __m256 widen8(const uint16_t *p) {
-    const __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 /* out[t * ld + i] = r_i[t]: eight rows of 8 become eight columns. */
 static inline void transpose8(const __m256 r[8], float *out, int64_t ld) {
     const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -74,7 +69,7 @@ static void pack_w(const uint16_t *w, int64_t n0, int64_t N, int64_t K, int64_t 
             for (int half = 0; half < 2; half++) {
                 const uint16_t *p = w + (n0 + 8 * half) * K + k0 + k;
                 __m256 rows[8];
-                for (int r = 0; r < 8; r++) rows[r] = widen8(p + r * K);
+                for (int r = 0; r < 8; r++) rows[r] = load_bf16x8(p + r * K);
                 transpose8(rows, out + k * NR + 8 * half, NR);
             }
     for (; k < kc; k++)

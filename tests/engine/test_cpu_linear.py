@@ -154,7 +154,7 @@ def test_prompt_gemm_gives_a_row_the_same_result_in_any_batch() -> None:
 
 class _FakeRoutes:
     """Both prompt routes on a fake clock: fp32 pays a fixed weight copy plus a cost per row,
-    the kernel a dearer cost per row; the calls numbered in ``spells`` (from 0, warm-ups
+    ours a dearer cost per row; the calls numbered in ``spells`` (from 0, warm-ups
     included) fall in a slow spell of the machine."""
 
     def __init__(self, copy: float, spells: frozenset[int] = frozenset()) -> None:
@@ -173,13 +173,13 @@ class _FakeRoutes:
         self._spend("fp32", x.shape[0], self.copy + 1.0 * x.shape[0])
         return x
 
-    def kernel(self, lib, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-        self._spend("kernel", x.shape[0], 1.5 * x.shape[0])
+    def ours(self, lib, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        self._spend("ours", x.shape[0], 1.5 * x.shape[0])
         return x
 
     def choose(self, monkeypatch: pytest.MonkeyPatch, repeats: int = 2) -> int | None:
         monkeypatch.setattr(cpu_linear, "_torch_fp32_gemm", self.fp32)
-        monkeypatch.setattr(cpu_linear, "_run_gemm", self.kernel)
+        monkeypatch.setattr(cpu_linear, "_run_gemm", self.ours)
         weight = torch.zeros(8, 16, dtype=torch.bfloat16)
         return cpu_linear.choose_prompt_gemm_rows(
             weight, max_rows=1024, repeats=repeats, clock=lambda: self.now
@@ -191,7 +191,7 @@ class _FakeRoutes:
     [
         (100.0, 256, [1024, 512, 256, 128]),  # fp32 wins once its copy is shared by 200+ rows
         (10.0, 128, [1024, 512, 256, 128]),  # fp32 wins at every size
-        (2000.0, None, [1024]),  # the kernel wins even at the largest: nothing else timed
+        (2000.0, None, [1024]),  # ours wins even at the largest: nothing else timed
     ],
 )
 def test_prompt_gemm_rows_are_where_fp32_starts_to_win(
