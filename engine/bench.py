@@ -24,7 +24,13 @@ from pathlib import Path
 import torch
 
 from engine import cpu_linear
-from engine.config import DRAFT_WEIGHTS, EngineConfig, SamplingParams
+from engine.config import (
+    CLI_DRAFT_HEAD,
+    CLI_DRAFT_WINDOW,
+    DRAFT_WEIGHTS,
+    EngineConfig,
+    SamplingParams,
+)
 from engine.engine import Engine
 from engine.loader import LoadedModel, load_pair
 from engine.runner import RaggedBatch
@@ -34,7 +40,9 @@ DEFAULT_PROMPTS = (
 )
 
 
-def load_prompts(path: Path, per_task: int | None) -> list[tuple[str, str]]:
+def load_prompts(
+    path: Path, per_task: int | None, tasks: set[str] | None = None
+) -> list[tuple[str, str]]:
     taken: dict[str, int] = defaultdict(int)
     prompts = []
     for line in path.read_text().splitlines():
@@ -42,7 +50,7 @@ def load_prompts(path: Path, per_task: int | None) -> list[tuple[str, str]]:
             continue
         item = json.loads(line)
         task = item.get("task") or item.get("category") or "all"
-        if per_task is not None and taken[task] >= per_task:
+        if (per_task is not None and taken[task] >= per_task) or (tasks and task not in tasks):
             continue
         taken[task] += 1
         prompts.append((task, item["turns"][0]))
@@ -153,16 +161,31 @@ def forward_times(engine: Engine, context: int = 200, calls: int = 10) -> str:
     return "\n".join(lines)
 
 
+def parse_window(spec: str) -> tuple[int, int]:
+    """``"256"`` (the last 256 tokens), ``"128+128"`` (the first 128 and the last 128) or
+    ``"0"`` (the whole context) as (head, window)."""
+    head, _, window = spec.rpartition("+")
+    return int(head or 0), int(window)
+
+
+def draft_context(ids: list[int], head: int, window: int) -> list[int]:
+    """What the draft's slot holds of a context: all of it, or its head and its window."""
+    if window == 0 or len(ids) <= head + window:
+        return ids
+    return ids[:head] + ids[-window:]
+
+
 def draft_agreement(
     engine: Engine,
     prompts: list[tuple[str, list[int]]],
-    windows: list[int],
+    windows: list[tuple[int, int]],
     max_tokens: int,
 ) -> str:
     """How often the draft's argmax equals the target's greedy token, per task and draft
-    window (0 = whole context): each prompt's target continuation is generated once, then the
-    draft, given the last ``window`` context tokens, predicts it one token at a time as its
-    decode steps would (teacher forcing: no rejection cuts a run short)."""
+    context, given as (head, window) (window 0 = whole context): each prompt's target
+    continuation is generated once, then the draft, given the context's first ``head`` and
+    last ``window`` tokens, predicts it one token at a time as its decode steps would (teacher
+    forcing: no rejection cuts a run short)."""
     assert engine.proposer is not None
     draft = engine.proposer.runner
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
@@ -172,10 +195,10 @@ def draft_agreement(
         "| draft window | " + " | ".join(tasks) + " | overall |",
         "|---" * (len(tasks) + 2) + "|",
     ]
-    for window in windows:
+    for head, window in windows:
         hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for (task, ids), continuation in zip(prompts, continuations, strict=True):
-            context = ids[:-1][-window:] if window else ids[:-1]
+            context = draft_context(ids[:-1], head, window)
             draft.prefill(RaggedBatch([context], [0], [0], [len(context)]))
             fed = [ids[-1], *continuation[:-1]]
             for position, (token, target_token) in enumerate(zip(fed, continuation, strict=True)):
@@ -186,7 +209,8 @@ def draft_agreement(
         total = [sum(h[0] for h in hits.values()), sum(h[1] for h in hits.values())]
         cells = [f"{hits[t][0] / hits[t][1]:.0%}" if hits[t][1] else "-" for t in tasks]
         cells.append(f"{total[0] / total[1]:.0%}" if total[1] else "-")
-        lines.append(f"| {window or 'all'} | " + " | ".join(cells) + " |")
+        label = "all" if window == 0 else f"{head}+{window}" if head else str(window)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -194,13 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specserve bench", description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
     parser.add_argument("--per-task", type=int, default=None, help="prompts per task (all)")
+    parser.add_argument(
+        "--tasks", default=None, help="comma-separated tasks to take prompts from (all)"
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--gamma", type=int, default=6)
     parser.add_argument("--draft-vocab", type=int, default=0, help="draft LM head size (0 = full)")
     parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--adaptive-gamma", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--tune-prompt-gemm", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--draft-window", type=int, default=256)
+    parser.add_argument("--draft-window", type=int, default=CLI_DRAFT_WINDOW)
+    parser.add_argument("--draft-head", type=int, default=CLI_DRAFT_HEAD)
     parser.add_argument("--prompt-lookup", type=int, default=3, help="0 = off")
     parser.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="int4")
     parser.add_argument(
@@ -216,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         "--agreement",
         default=None,
         help="only measure draft/target greedy agreement for these comma-separated draft "
-        "windows (0 = whole context) and exit",
+        "contexts (256: the last 256 tokens; 128+128: the first 128 and the last 128, as "
+        "--draft-window 256 --draft-head 128; 0: the whole context) and exit",
     )
     parser.add_argument("--target", default=None)
     parser.add_argument("--draft", default=None)
@@ -236,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     target, draft = load_pair(args.target, args.draft, args.dtype, args.device, progress=True)
     if draft is None:
         parser.error("the benchmark needs a draft model")
-    prompts = load_prompts(args.prompts, args.per_task)
+    prompts = load_prompts(
+        args.prompts, args.per_task, set(args.tasks.split(",")) if args.tasks else None
+    )
+    if not prompts:
+        parser.error(f"no prompts in {args.prompts} for tasks {args.tasks}")
     max_len = max(len(chat_ids(target, p)) for _, p in prompts) + args.max_tokens + 8
     # Cold prompts: with the prefix cache a repeat (or the next prompt's shared chat header)
     # would skip prefill, and HF's generate, the other column, caches nothing across calls.
@@ -256,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         draft_vocab=args.draft_vocab,
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,
+        draft_head=args.draft_head,
         prompt_lookup=args.prompt_lookup,
         draft_weights=args.draft_weights,
     )
     if args.agreement is not None:
-        windows = [int(w) for w in args.agreement.split(",")]
+        windows = [parse_window(w) for w in args.agreement.split(",")]
         probe = replace(spec_config, adaptive_gamma=False)  # no use for start-up timings
         engine = Engine(target.model, draft.model, probe, target.tokenizer)
         tokenized = [(task, chat_ids(target, p)) for task, p in prompts]

@@ -4,6 +4,9 @@ from dataclasses import dataclass, field
 
 PROPOSERS = ("auto", "draft", "ngram")
 DRAFT_WEIGHTS = ("bf16", "int8", "int4")  # the weights a draft may decode on (cpu_linear)
+# The command line's draft context (serve, generate, bench): see draft_window and draft_head.
+CLI_DRAFT_WINDOW = 256
+CLI_DRAFT_HEAD = 128  # of the window: 128 + the latest 128
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,14 @@ class EngineConfig:
     # the draft and verify forwards (engine/gamma.py).
     adaptive_gamma: bool = False
     # When a row first drafts, its draft slot gets at most this many of the tokens so far
-    # (0 = all). Prefilling a long prompt into
-    # the draft costs a third of the target's prefill on the default pair, while its guesses
-    # mostly depend on the recent context; verification keeps the output lossless regardless.
+    # (0 = all): the first draft_head of them and the latest. Prefilling a long prompt into
+    # the draft costs a third of the target's prefill on the default pair; verification keeps
+    # the output lossless whatever the draft sees.
     draft_window: int = 0
+    # Part of the window taken from the start of the context: the system prompt, the
+    # instruction, the start of a document (a summary draws on an article's opening; the
+    # latest tokens alone read like more article).
+    draft_head: int = 0
     # Prompt lookup (engine/ngram.py): rows whose last 2..N tokens occurred earlier in their
     # context may take the tokens that followed as free drafts, when that promises more tokens
     # per second than the draft model. 0 = off. With no draft model and gamma > 0 it is the
@@ -74,6 +81,11 @@ class EngineConfig:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
         if self.draft_window < 0:
             raise ValueError(f"draft_window must be >= 0, got {self.draft_window}")
+        if self.draft_head < 0 or (self.draft_window and self.draft_head >= self.draft_window):
+            raise ValueError(
+                f"draft_head must be >= 0 and below draft_window ({self.draft_window}), "
+                f"got {self.draft_head}"
+            )
         if self.prefill_budget < 0:
             raise ValueError(f"prefill_budget must be >= 0, got {self.prefill_budget}")
         if self.prefill_chunk < 0:

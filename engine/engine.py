@@ -536,7 +536,7 @@ class Engine:
         can repay it: under load often they cannot (prompt lookup may still serve it)."""
         if request.draft_len > 0 or self.costs is None:
             return True
-        missing = self._draft_missing(request, self._draft_anchor(request))
+        missing = self._draft_missing(request, self._draft_gap(request))
         if missing < CATCH_UP_ALONE:
             return True
         remaining = request.max_new_tokens - len(request.output_token_ids)
@@ -571,34 +571,44 @@ class Engine:
         assert self.proposer is not None
         behind = []
         for request in rows:
-            request.draft_offset = self._draft_anchor(request)
+            request.draft_gap = self._draft_gap(request)
             if self._draft_missing(request) >= CATCH_UP_ALONE:
                 behind.append(request)
         for group in padding_groups(behind, self._draft_missing):
             batch = RaggedBatch(
-                [r.tokens_from(r.draft_offset + r.draft_len)[:-1] for r in group],
+                [self._draft_unseen(r)[:-1] for r in group],
                 [r.slot for r in group],
                 [r.draft_len for r in group],
                 [self._draft_missing(r) for r in group],
             )
             self.proposer.runner.prefill(batch)
             for request in group:
-                request.draft_len = request.num_tokens - 1 - request.draft_offset
+                request.draft_len = request.num_tokens - 1 - request.draft_gap
 
-    def _draft_anchor(self, request: Request) -> int:
-        """Where the row's draft slot starts: fixed once it holds anything; for an empty slot,
-        the window ends at the row's present (its first catch-up), not at its prompt."""
+    def _draft_gap(self, request: Request) -> int:
+        """How many tokens after its head the row's draft slot skips: fixed once the slot
+        holds anything; for an empty slot, the window ends at the row's present (its first
+        catch-up), not at its prompt."""
         window = self.config.draft_window
         if request.draft_len == 0 and window > 0:
             return max(0, request.num_tokens - 1 - window)
-        return request.draft_offset
+        return request.draft_gap
 
     @staticmethod
-    def _draft_missing(request: Request, offset: int | None = None) -> int:
-        """Tokens before the last one that the row's draft slot (starting at ``offset``,
-        by default where it starts now) has not seen."""
-        start = request.draft_offset if offset is None else offset
-        return request.num_tokens - 1 - start - request.draft_len
+    def _draft_missing(request: Request, gap: int | None = None) -> int:
+        """Tokens before the last one that the row's draft slot (skipping ``gap`` tokens,
+        by default as it does now) has not seen."""
+        skipped = request.draft_gap if gap is None else gap
+        return request.num_tokens - 1 - skipped - request.draft_len
+
+    def _draft_unseen(self, request: Request) -> list[int]:
+        """The tokens the row's draft slot has not seen, ending with the last one: for an empty
+        slot that skips part of the context, the head and then the window."""
+        gap = request.draft_gap
+        if request.draft_len == 0 and gap > 0:
+            head = self.config.draft_head
+            return request.token_ids[:head] + request.tokens_from(head + gap)
+        return request.tokens_from(gap + request.draft_len)
 
     def _round(self, batch: list[Request]) -> list[RequestOutput]:
         device = self.target.device
@@ -618,9 +628,9 @@ class Engine:
             self._catch_up_draft(chosen)
             rows = DraftRows(
                 slots=[r.slot for r in chosen],
-                catch_up=[r.tokens_from(r.draft_offset + r.draft_len) for r in chosen],
+                catch_up=[self._draft_unseen(r) for r in chosen],
                 draft_lens=[r.draft_len for r in chosen],
-                next_positions=[r.num_tokens - r.draft_offset for r in chosen],
+                next_positions=[r.num_tokens - r.draft_gap for r in chosen],
                 first_positions=[r.num_tokens for r in chosen],
             )
             index = torch.tensor(plan.draft_rows, device=device)
@@ -680,7 +690,7 @@ class Engine:
             if index in drafted_by_model:
                 # The draft fed the catch-up tokens and its first draft_gamma - 1 proposals.
                 last_fed = n + plan.draft_gamma - 1
-                request.draft_len = min(n + accepted, last_fed) - request.draft_offset
+                request.draft_len = min(n + accepted, last_fed) - request.draft_gap
             stats = request.stats
             stats.rounds += 1
             stats.drafted += row_gamma[index]

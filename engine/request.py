@@ -86,7 +86,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     target_len: int = 0  # tokens whose K/V is valid in the target slot
     draft_len: int = 0  # tokens whose K/V is valid in the draft slot
-    draft_offset: int = 0  # the draft slot holds token_ids[draft_offset:] (a context window)
+    # The draft slot holds token_ids[:head] + token_ids[head + draft_gap:] (head: the config's
+    # draft_head): the whole context while draft_gap is 0, else a window of it.
+    draft_gap: int = 0
     emitted_text_len: int = 0  # characters of the completion already handed out
     # Incremental detokenization: the text of output_token_ids[:read_offset], settled, and where
     # the next decode starts (a few tokens back, so merges and leading spaces come out right).

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from engine.config import DRAFT_WEIGHTS
+from engine.config import CLI_DRAFT_HEAD, CLI_DRAFT_WINDOW, DRAFT_WEIGHTS
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -103,8 +103,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     _int_option(
         group,
         "--draft-window",
-        256,
+        CLI_DRAFT_WINDOW,
         "context tokens the draft model copies when a row first drafts (0 = all)",
+    )
+    _int_option(
+        group,
+        "--draft-head",
+        CLI_DRAFT_HEAD,
+        "of the --draft-window tokens, how many come from the context's start (system "
+        "prompt, instruction, a document's opening); the rest are the latest",
     )
     _switch(
         group,
@@ -157,6 +164,7 @@ def build_engine(args: argparse.Namespace):
         draft_vocab=args.draft_vocab,
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,
+        draft_head=args.draft_head,
         prompt_lookup=args.prompt_lookup if speculates else 0,
         prefill_budget=args.prefill_budget,
         prefill_chunk=args.prefill_chunk,

@@ -1,8 +1,16 @@
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
-from engine.bench import draft_agreement, forward_times
+from engine.bench import (
+    draft_agreement,
+    draft_context,
+    forward_times,
+    load_prompts,
+    parse_window,
+)
 from engine.config import EngineConfig
 from engine.engine import Engine
 from tests.engine.conftest import tiny_model
@@ -28,12 +36,43 @@ def test_draft_agreement_is_total_for_a_draft_equal_to_the_target() -> None:
     target, other = tiny_model("qwen2"), tiny_model("qwen2", seed=1, layers=1)
     prompts = [("a", [5, 6, 7, 8, 9, 10]), ("b", [3, 4, 5])]
     config = EngineConfig(gamma=3, max_slots=1, max_len=64, prefix_cache=False)
-    same = draft_agreement(Engine(target, target, config), prompts, [0, 2], max_tokens=8)
+    windows = [(0, 0), (0, 2), (1, 2)]
+    same = draft_agreement(Engine(target, target, config), prompts, windows, max_tokens=8)
     header, _, *rows = same.splitlines()
     assert header == "| draft window | a | b | overall |"
     # The whole context: the draft is the target, so it agrees everywhere.
     assert rows[0] == "| all | 100% | 100% | 100% |"
-    assert rows[1].startswith("| 2 |")
-    unrelated = draft_agreement(Engine(target, other, config), prompts, [0], max_tokens=8)
+    assert rows[1].startswith("| 2 |") and rows[2].startswith("| 1+2 |")
+    unrelated = draft_agreement(Engine(target, other, config), prompts, [(0, 0)], max_tokens=8)
     overall = int(unrelated.splitlines()[2].split("|")[-2].strip().rstrip("%"))
     assert overall < 100
+
+
+def test_draft_windows_parse_and_keep_the_head_and_the_tail() -> None:
+    assert parse_window("0") == (0, 0)
+    assert parse_window("256") == (0, 256)
+    assert parse_window("128+192") == (128, 192)
+    ids = list(range(10))
+    assert draft_context(ids, 0, 0) == ids
+    assert draft_context(ids, 0, 3) == [7, 8, 9]
+    assert draft_context(ids, 2, 3) == [0, 1, 7, 8, 9]
+    assert draft_context(ids, 4, 6) == ids  # nothing to skip
+
+
+def test_prompts_are_taken_per_task_and_from_the_chosen_tasks(tmp_path: Path) -> None:
+    lines = [
+        {"task": "qa", "turns": ["q1"]},
+        {"task": "rag", "turns": ["r1"]},
+        {"task": "qa", "turns": ["q2"]},
+        {"task": "math", "turns": ["m1"]},
+        {"task": "rag", "turns": ["r2"]},
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert load_prompts(path, 1) == [("qa", "q1"), ("rag", "r1"), ("math", "m1")]
+    assert load_prompts(path, None, {"rag", "math"}) == [
+        ("rag", "r1"),
+        ("math", "m1"),
+        ("rag", "r2"),
+    ]
+    assert load_prompts(path, 1, {"rag"}) == [("rag", "r1")]

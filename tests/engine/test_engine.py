@@ -374,8 +374,8 @@ def test_draft_catches_up_lazily_with_a_cache_as_if_it_had_followed_along() -> N
     assert rounds[-1].gamma > 0
     runner = eng.proposer.runner
     for request in rows:
-        assert request.draft_offset == len(request.prompt_token_ids) + 5 - 1 - 6
-        window = request.token_ids[request.draft_offset : request.draft_offset + request.draft_len]
+        assert request.draft_gap == len(request.prompt_token_ids) + 5 - 1 - 6
+        window = request.token_ids[request.draft_gap : request.draft_gap + request.draft_len]
         assert request.draft_len >= 6
         for layer, (ref_k, ref_v) in enumerate(_fresh_cache(draft, window)):
             torch.testing.assert_close(
@@ -487,8 +487,8 @@ def test_draft_context_window_stays_lossless_and_caches_only_the_window() -> Non
     eng.step()
     # The window ends at the row's present when it first drafts: prompt + 1 token, less the
     # pending last one.
-    assert request.draft_offset == len(PROMPTS[2]) + 1 - 1 - 5
-    window = request.token_ids[request.draft_offset : request.draft_offset + request.draft_len]
+    assert request.draft_gap == len(PROMPTS[2]) + 1 - 1 - 5
+    window = request.token_ids[request.draft_gap : request.draft_gap + request.draft_len]
     reference = _fresh_cache(draft, window)
     runner = eng.proposer.runner
     for layer, (ref_k, _) in enumerate(reference):
@@ -498,6 +498,50 @@ def test_draft_context_window_stays_lossless_and_caches_only_the_window() -> Non
     results = eng.generate(PROMPTS, GREEDY)
     assert [r.token_ids for r in results] == hf_greedy("llama")
     assert eng.stats.accepted > 0
+
+
+def test_draft_window_with_a_head_caches_the_head_then_the_window_as_one_sequence() -> None:
+    target, _ = models("llama")
+    draft = perturbed(target, 0.05)
+    head, window = 3, 8
+    config = EngineConfig(
+        gamma=4, max_slots=4, max_len=128, draft_window=window, draft_head=head, prompt_lookup=0
+    )
+    eng = Engine(target, draft, config)
+    eng.add_request(PROMPTS[2], GREEDY, request_id="long")
+    eng.step()
+    eng.step()
+    request = eng.scheduler.find("long")
+    ids = request.token_ids
+    # Prompt + 1 token, less the pending last one: the head, a gap, the rest of the window.
+    assert request.draft_gap == len(PROMPTS[2]) + 1 - 1 - window
+    assert request.draft_len > window
+    # The slot holds what a fresh prefill of head + window (at positions 0, 1, ...) gives,
+    # and every later token follows on at its position less the gap.
+    seen = ids[:head] + ids[head + request.draft_gap : request.draft_gap + request.draft_len]
+    runner = eng.proposer.runner
+    for layer, (ref_k, ref_v) in enumerate(_fresh_cache(draft, seen)):
+        torch.testing.assert_close(
+            runner.cache.slot_keys(layer, request.slot, request.draft_len), ref_k
+        )
+        torch.testing.assert_close(
+            runner.cache.slot_values(layer, request.slot, request.draft_len), ref_v
+        )
+    while eng.has_work():
+        eng.step()
+    assert request.output_token_ids == hf_greedy("llama", (tuple(PROMPTS[2]),))[0]
+    assert eng.stats.accepted > 0
+    # Rows too short for a gap keep their whole context, whatever the head.
+    results = eng.generate(PROMPTS, GREEDY)
+    assert [r.token_ids for r in results] == hf_greedy("llama")
+
+
+def test_draft_head_must_lie_within_the_window() -> None:
+    with pytest.raises(ValueError, match="draft_head"):
+        EngineConfig(draft_head=-1)
+    with pytest.raises(ValueError, match="below draft_window"):
+        EngineConfig(draft_window=8, draft_head=8)
+    assert EngineConfig(draft_window=0, draft_head=8).draft_head == 8  # whole context: moot
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -107,6 +107,10 @@ def test_engine_settings_come_from_flags_and_environment(
     assert config([]).draft_weights == "bf16"
     with pytest.raises(SystemExit):
         config(["--draft-weights", "int2"])
+    assert (config([]).draft_window, config([]).draft_head) == (256, 128)
+    assert config(["--draft-head", "0"]).draft_head == 0
+    monkeypatch.setenv("SPECSERVE_DRAFT_HEAD", "64")
+    assert config([]).draft_head == 64
 
 
 def test_the_engine_is_built_in_a_thread_that_ends() -> None:
