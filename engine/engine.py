@@ -22,6 +22,7 @@ from engine.gamma import (
     PROBE_ALPHA,
     PROBE_EVERY,
     CostModel,
+    OutputLengths,
     best_lookup_length,
     calibration_sizes,
     catch_up_pays,
@@ -203,6 +204,7 @@ class Engine:
         self.stats = EngineStats()
         self.on_round: Callable[[RoundRecord], None] | None = None
         self.costs: CostModel | None = None
+        self.output_lengths = OutputLengths()
         if config.adaptive_gamma and self.gamma > 0:
             self.costs = self._calibrate()
         self._inbox: deque[Request] = deque()
@@ -532,14 +534,17 @@ class Engine:
         self, request: Request, cap: int, model_prior: float, rows: int, context: float
     ) -> bool:
         """Whether the draft model may propose for this row. A row that never drafted owes
-        its draft slot the prompt, and pays that catch-up only when the tokens it has left
-        can repay it: under load often they cannot (prompt lookup may still serve it)."""
+        its draft slot the prompt, and pays that catch-up only when the tokens it can be
+        expected to have left (judged by how long recent requests ran) can repay it: under
+        load, or for short answers, often they cannot (prompt lookup may still serve it)."""
         if request.draft_len > 0 or self.costs is None:
             return True
         missing = self._draft_missing(request, self._draft_gap(request))
         if missing < CATCH_UP_ALONE:
             return True
-        remaining = request.max_new_tokens - len(request.output_token_ids)
+        remaining = self.output_lengths.expected_remaining(
+            len(request.output_token_ids), request.max_new_tokens
+        )
         alpha = request.acceptance.alpha(model_prior)
         return catch_up_pays(alpha, cap, remaining, missing, rows, self.costs, context)
 
@@ -753,6 +758,9 @@ class Engine:
         if finished:
             request.stats.finish_time = time.monotonic()
             self.stats.finished_requests += 1
+            if request.finish_reason in ("stop", "length"):
+                stopped = request.finish_reason == "stop"
+                self.output_lengths.observe(len(request.output_token_ids), stopped)
         prompt_lp = None
         if request.prompt_logprobs_pending and request.prompt_logprobs_cache is not None:
             prompt_lp = request.prompt_logprobs_cache

@@ -752,3 +752,24 @@ def test_chunked_prefill_fills_the_slot_as_one_prefill_does() -> None:
         caches.append(eng.target.cache.slot_keys(0, 1, len(PROMPTS[2]) - 1).float())
     assert outputs[0] == outputs[1] == hf_greedy("llama")[2]
     torch.testing.assert_close(caches[0], caches[1], rtol=2e-2, atol=2e-2)
+
+
+def test_a_new_row_weighs_the_draft_prefill_against_how_long_recent_requests_ran() -> None:
+    target, _ = models("llama")
+    config = EngineConfig(gamma=4, max_slots=2, max_len=128, prompt_lookup=0)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    first_drafted = {}
+    histories = {"none": [], "stopped at 3": [(3, True)] * 4, "capped at 3": [(3, False)] * 4}
+    for name, history in histories.items():
+        eng, rounds = _catch_up_judging_engine(target, perturbed(target, 0.05), config)
+        for length, stopped in history:
+            eng.output_lengths.observe(length, stopped)
+        (result,) = eng.generate([PROMPTS[2]], params)
+        assert result.token_ids == hf_greedy("llama")[2]
+        first_drafted[name] = next(i for i, r in enumerate(rounds) if r.gamma > 0)
+        # The engine remembers its own requests: this one ran to its cap.
+        assert eng.output_lengths.finished[-1] == (NEW_TOKENS, False)
+    # Fresh, the row drafts from its second round. After requests that stopped by themselves
+    # at 3 tokens, the copy would not be repaid, until the row outlives them; ones cut short by
+    # their cap say nothing against a longer run.
+    assert first_drafted == {"none": 1, "stopped at 3": 3, "capped at 3": 1}

@@ -8,8 +8,10 @@ from engine import gamma
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import CATCH_UP_CALIBRATION, Engine
 from engine.gamma import (
+    LENGTH_HISTORY,
     AcceptanceEstimate,
     CostModel,
+    OutputLengths,
     best_lookup_length,
     catch_up_pays,
     choose_gamma,
@@ -296,3 +298,25 @@ def test_calibration_waits_for_the_device_after_every_timed_forward(
     runner.device = torch.device("cuda", 0)
     runner.synchronize()
     assert calls == [torch.device("cuda", 0)]
+
+
+def test_expected_remaining_tokens_from_recent_lengths() -> None:
+    lengths = OutputLengths()
+    # Too few known lengths: the request's own cap.
+    for length in (10, 20, 30):
+        lengths.observe(length, stopped=True)
+    assert lengths.expected_remaining(0, 64) == 64
+    lengths.observe(64, stopped=False)  # ran to its cap: at least 64
+    # Mean of min(L, 64): (10 + 20 + 30 + 64) / 4.
+    assert lengths.expected_remaining(0, 64) == 31
+    # Past 10 tokens the first no longer counts, and a shorter cap bounds the others.
+    lengths.observe(40, stopped=True)
+    assert lengths.expected_remaining(10, 64) == (10 + 20 + 54 + 30) / 4
+    assert lengths.expected_remaining(10, 35) == (10 + 20 + 25 + 25) / 4
+    # A row that outlived what is known falls back to its cap.
+    assert lengths.expected_remaining(50, 64) == 14
+    # Only the latest requests are remembered.
+    for _ in range(LENGTH_HISTORY):
+        lengths.observe(5, stopped=True)
+    assert len(lengths.finished) == LENGTH_HISTORY
+    assert lengths.expected_remaining(0, 64) == 5
