@@ -101,6 +101,15 @@ def _fresh_cache(model, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Ten
     ]
 
 
+def _assert_slot_holds(
+    runner, slot: int, length: int, reference: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """The slot's first ``length`` K/V positions equal ``reference`` (from ``_fresh_cache``)."""
+    for layer, (ref_k, ref_v) in enumerate(reference):
+        torch.testing.assert_close(runner.cache.slot_keys(layer, slot, length), ref_k)
+        torch.testing.assert_close(runner.cache.slot_values(layer, slot, length), ref_v)
+
+
 def test_rollback_leaves_caches_as_if_rejected_tokens_never_came() -> None:
     target, _ = models("llama")
     draft = perturbed(target, 0.15)
@@ -377,13 +386,7 @@ def test_draft_catches_up_lazily_with_a_cache_as_if_it_had_followed_along() -> N
         assert request.draft_gap == len(request.prompt_token_ids) + 5 - 1 - 6
         window = request.token_ids[request.draft_gap : request.draft_gap + request.draft_len]
         assert request.draft_len >= 6
-        for layer, (ref_k, ref_v) in enumerate(_fresh_cache(draft, window)):
-            torch.testing.assert_close(
-                runner.cache.slot_keys(layer, request.slot, request.draft_len), ref_k
-            )
-            torch.testing.assert_close(
-                runner.cache.slot_values(layer, request.slot, request.draft_len), ref_v
-            )
+        _assert_slot_holds(runner, request.slot, request.draft_len, _fresh_cache(draft, window))
     while eng.has_work():
         eng.step()
     assert eng.stats.accepted > 0
@@ -519,14 +522,9 @@ def test_draft_window_with_a_head_caches_the_head_then_the_window_as_one_sequenc
     # The slot holds what a fresh prefill of head + window (at positions 0, 1, ...) gives,
     # and every later token follows on at its position less the gap.
     seen = ids[:head] + ids[head + request.draft_gap : request.draft_gap + request.draft_len]
-    runner = eng.proposer.runner
-    for layer, (ref_k, ref_v) in enumerate(_fresh_cache(draft, seen)):
-        torch.testing.assert_close(
-            runner.cache.slot_keys(layer, request.slot, request.draft_len), ref_k
-        )
-        torch.testing.assert_close(
-            runner.cache.slot_values(layer, request.slot, request.draft_len), ref_v
-        )
+    _assert_slot_holds(
+        eng.proposer.runner, request.slot, request.draft_len, _fresh_cache(draft, seen)
+    )
     while eng.has_work():
         eng.step()
     assert request.output_token_ids == hf_greedy("llama", (tuple(PROMPTS[2]),))[0]
