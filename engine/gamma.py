@@ -21,6 +21,7 @@ overhead.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,11 +64,10 @@ class OutputLengths:
     overpaid whenever requests stop early (answers of 10-30 tokens under a cap of 64)."""
 
     # (tokens generated, whether the request stopped by itself rather than at its cap)
-    finished: list[tuple[int, bool]] = field(default_factory=list)
+    finished: deque[tuple[int, bool]] = field(default_factory=lambda: deque(maxlen=LENGTH_HISTORY))
 
     def observe(self, generated: int, stopped: bool) -> None:
         self.finished.append((generated, stopped))
-        del self.finished[:-LENGTH_HISTORY]
 
     def expected_remaining(self, generated: int, max_new: int) -> float:
         """Mean of min(L, max_new) - generated over the remembered lengths L beyond
