@@ -29,6 +29,7 @@ from engine.gamma import (
     choose_gamma,
     expected_tokens,
     measure,
+    measure_until_linear,
 )
 from engine.logprobs import prompt_logprobs, token_logprobs
 from engine.ngram import PromptLookup
@@ -230,7 +231,7 @@ class Engine:
         started = time.perf_counter()
         limit = min(capacity, self.config.max_slots * (self.gamma + 1))
         sync = self.target.synchronize
-        table = measure(verify, calibration_sizes(limit), synchronize=sync)
+        table = measure_until_linear(verify, calibration_sizes(limit), synchronize=sync)
         costs = CostModel(target=table, learn=True)
         # Attention over a context: the same verify of a few tokens at an empty and at a long
         # context (the trash slot's stale K/V serve as context; only the time matters).

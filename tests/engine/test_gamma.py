@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -176,6 +177,58 @@ def test_measure_keeps_the_slope_through_a_slow_spell(monkeypatch: pytest.Monkey
     monkeypatch.setattr(gamma.time, "perf_counter", lambda: clock[0])
     table = gamma.measure(forward, [1, 2, 4, 8])
     assert table == pytest.approx({1: 0.11, 2: 0.12, 4: 0.14, 8: 0.18})
+
+
+def _timed_forwards(
+    monkeypatch: pytest.MonkeyPatch, cost: Callable[[int], float]
+) -> tuple[Callable[[int], None], list[int]]:
+    """A forward that takes ``cost(size)`` seconds on a fake clock, and the sizes it ran."""
+    clock, calls = [0.0], []
+
+    def forward(size: int) -> None:
+        calls.append(size)
+        clock[0] += cost(size)
+
+    monkeypatch.setattr(gamma.time, "perf_counter", lambda: clock[0])
+    return forward, calls
+
+
+def test_verify_sizes_past_the_linear_regime_are_extrapolated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CPU verify is compute-bound past a few tokens (23 ms a token on the default target):
+    sizes past 16 are not timed, and the table's extrapolation prices them as timing would."""
+    sizes = gamma.calibration_sizes(48)
+
+    def cost(size: int) -> float:
+        return max(0.1, 0.023 * size)
+
+    forward, calls = _timed_forwards(monkeypatch, cost)
+    table = gamma.measure_until_linear(forward, sizes)
+    assert max(calls) == 16 and sorted(table) == [s for s in sizes if s <= 16]
+    costs = gamma.CostModel(target=table)
+    for size in (24, 32, 48):
+        assert costs.verify_seconds(size) == pytest.approx(cost(size))
+
+
+def test_verify_sizes_are_timed_while_cost_per_token_still_falls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GPU verify costs nearly the same at 16 tokens as at 48: extrapolating 16 tokens'
+    cost per token would price 48 at three times what it is, so every size is timed."""
+    sizes = gamma.calibration_sizes(48)
+
+    def cost(size: int) -> float:
+        return 0.01 + 0.0001 * size
+
+    forward, calls = _timed_forwards(monkeypatch, cost)
+    table = gamma.measure_until_linear(forward, sizes)
+    assert sorted(table) == sizes and set(calls) == set(sizes)
+    assert table == pytest.approx({size: cost(size) for size in sizes})
+    # Below the threshold nothing changes: one measure over the sizes given.
+    forward, calls = _timed_forwards(monkeypatch, cost)
+    assert sorted(gamma.measure_until_linear(forward, [1, 2, 4])) == [1, 2, 4]
+    assert calls == [1] + [1, 2, 4] * 3
 
 
 def test_measure_waits_for_an_asynchronous_device(monkeypatch: pytest.MonkeyPatch) -> None:
