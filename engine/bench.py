@@ -30,6 +30,7 @@ from engine.config import (
     DRAFT_WEIGHTS,
     EngineConfig,
     SamplingParams,
+    default_draft_head,
 )
 from engine.engine import Engine
 from engine.loader import LoadedModel, load_pair
@@ -228,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adaptive-gamma", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--tune-prompt-gemm", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--draft-window", type=int, default=CLI_DRAFT_WINDOW)
-    parser.add_argument("--draft-head", type=int, default=CLI_DRAFT_HEAD)
+    parser.add_argument(
+        "--draft-head",
+        type=int,
+        default=None,
+        help=f"default {CLI_DRAFT_HEAD}, at most half the window",
+    )
     parser.add_argument("--prompt-lookup", type=int, default=3, help="0 = off")
     parser.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="int4")
     parser.add_argument(
@@ -289,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         draft_vocab=args.draft_vocab,
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,
-        draft_head=args.draft_head,
+        draft_head=default_draft_head(args.draft_window)
+        if args.draft_head is None
+        else args.draft_head,
         prompt_lookup=args.prompt_lookup,
         draft_weights=args.draft_weights,
     )

@@ -9,6 +9,12 @@ CLI_DRAFT_WINDOW = 256
 CLI_DRAFT_HEAD = 128  # of the window: 128 + the latest 128
 
 
+def default_draft_head(window: int) -> int:
+    """The command line's draft head when none is given: CLI_DRAFT_HEAD, but never more than
+    half of a smaller window, so that ``--draft-window 64`` alone means 32 + the latest 32."""
+    return min(CLI_DRAFT_HEAD, window // 2)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine-wide settings; fixed for the life of an engine."""

@@ -50,6 +50,16 @@ class UnsupportedModelError(Exception):
     pass
 
 
+# What loading a pair may raise for a user's mistake (a name, a path, a pair, a setting): the
+# command line reports these in one line rather than as a traceback.
+LOAD_ERRORS: tuple[type[Exception], ...] = (
+    ModelNotFoundError,
+    IncompatiblePairError,
+    UnsupportedModelError,
+    ValueError,
+)
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     packages: tuple[str, ...]  # import names, in the order their files concatenate

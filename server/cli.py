@@ -7,8 +7,16 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 
-from engine.config import CLI_DRAFT_HEAD, CLI_DRAFT_WINDOW, DRAFT_WEIGHTS
+from engine.config import (
+    CLI_DRAFT_HEAD,
+    CLI_DRAFT_WINDOW,
+    DRAFT_WEIGHTS,
+    EngineConfig,
+    SamplingParams,
+    default_draft_head,
+)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -106,12 +114,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         CLI_DRAFT_WINDOW,
         "context tokens the draft model copies when a row first drafts (0 = all)",
     )
-    _int_option(
-        group,
+    head = _env("DRAFT_HEAD")
+    group.add_argument(
         "--draft-head",
-        CLI_DRAFT_HEAD,
-        "of the --draft-window tokens, how many come from the context's start (system "
-        "prompt, instruction, a document's opening); the rest are the latest",
+        type=int,
+        default=int(head) if head else None,
+        help="of the --draft-window tokens, how many come from the context's start (system "
+        "prompt, instruction, a document's opening); the rest are the latest (default "
+        f"{CLI_DRAFT_HEAD}, at most half the window)",
     )
     _switch(
         group,
@@ -140,19 +150,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     _int_option(group, "--threads", 0, "CPU threads (0 = torch default)")
 
 
-def build_engine(args: argparse.Namespace):
-    """Loads the pair named by ``args`` and returns (engine, target LoadedModel, draft)."""
-    from engine.config import EngineConfig
-    from engine.engine import Engine
-    from engine.loader import load_pair
-
-    lookup_only = args.draft == "ngram"
-    draft_name = "none" if lookup_only else args.draft
-    target, draft = load_pair(args.target, draft_name, dtype=args.dtype, device=args.device)
-    speculates = draft is not None or (lookup_only and args.prompt_lookup > 0)
-    gamma = args.gamma if speculates else 0
-    config = EngineConfig(
-        gamma=gamma,
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig ``args`` ask for (ValueError when they are inconsistent), checked
+    before any model loads so a bad flag costs no load."""
+    head = args.draft_head
+    return EngineConfig(
+        gamma=args.gamma,
         max_slots=args.max_slots,
         max_len=args.max_len,
         dtype=args.dtype,
@@ -164,30 +167,33 @@ def build_engine(args: argparse.Namespace):
         draft_vocab=args.draft_vocab,
         adaptive_gamma=args.adaptive_gamma,
         draft_window=args.draft_window,
-        draft_head=args.draft_head,
-        prompt_lookup=args.prompt_lookup if speculates else 0,
+        draft_head=default_draft_head(args.draft_window) if head is None else head,
+        prompt_lookup=args.prompt_lookup,
         prefill_budget=args.prefill_budget,
         prefill_chunk=args.prefill_chunk,
         tune_prompt_gemm=args.tune_prompt_gemm,
     )
+
+
+def build_engine(args: argparse.Namespace):
+    """Loads the pair named by ``args`` and returns (engine, target LoadedModel, draft)."""
+    from engine.engine import Engine
+    from engine.loader import load_pair
+
+    config = engine_config(args)
+    lookup_only = args.draft == "ngram"
+    draft_name = "none" if lookup_only else args.draft
+    target, draft = load_pair(args.target, draft_name, dtype=args.dtype, device=args.device)
+    if not (draft is not None or (lookup_only and args.prompt_lookup > 0)):
+        config = replace(config, gamma=0, prompt_lookup=0)
     engine = Engine(
         target.model, draft.model if draft is not None else None, config, target.tokenizer
     )
     return engine, target, draft
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from engine.config import SamplingParams
-
-    started = time.perf_counter()
-    engine, target, draft = build_engine(args)
-    loaded = time.perf_counter()
-    prompt = args.prompt
-    if args.chat:
-        prompt = target.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    params = SamplingParams(
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -195,7 +201,29 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop or [],
     )
-    request_id = engine.add_request(prompt, params)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.loader import LOAD_ERRORS
+
+    params = _sampling_params(args)  # checked in main, before the load
+    started = time.perf_counter()
+    try:
+        engine, target, draft = build_engine(args)
+    except LOAD_ERRORS as exc:
+        print(f"specserve: {exc}", file=sys.stderr)
+        return 1
+    loaded = time.perf_counter()
+    prompt = args.prompt
+    if args.chat:
+        prompt = target.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    try:
+        request_id = engine.add_request(prompt, params)
+    except ValueError as exc:  # a prompt longer than --max-len
+        print(f"specserve: {exc}", file=sys.stderr)
+        return 1
     stats = None
     while engine.has_work():
         for output in engine.step():
@@ -272,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command in ("serve", "generate"):
+        try:
+            engine_config(args)
+            if args.command == "generate":
+                _sampling_params(args)
+        except ValueError as exc:
+            print(f"specserve: {exc}", file=sys.stderr)
+            return 2
     if args.command == "generate":
         return _generate(args)
     if args.command == "bench":

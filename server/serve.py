@@ -11,12 +11,7 @@ from typing import TypeVar
 
 import uvicorn
 
-from engine.loader import (
-    DEFAULT_PAIR,
-    IncompatiblePairError,
-    ModelNotFoundError,
-    UnsupportedModelError,
-)
+from engine.loader import DEFAULT_PAIR, LOAD_ERRORS
 from server.app import create_app
 from server.context import ServerConfig
 
@@ -77,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         engine, target, draft = _in_passing_thread(lambda: build_engine(args))
-    except (ModelNotFoundError, IncompatiblePairError, UnsupportedModelError, ValueError) as exc:
+    except LOAD_ERRORS as exc:
         print(f"specserve: {exc}", file=sys.stderr)
         return 1
     model_name = args.model_name or target.name

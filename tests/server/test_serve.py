@@ -83,6 +83,50 @@ def test_serve_reports_bad_configuration(capsys: pytest.CaptureFixture[str]) -> 
     assert "/no/such/model" in capsys.readouterr().err
 
 
+def test_generate_prints_the_completion_alone_on_stdout(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.config import EngineConfig, SamplingParams
+    from engine.engine import Engine
+    from engine.loader import load_pair
+
+    prompt = "hello world"
+    common = ["--target", str(model_dir), "--max-tokens", "5", "--no-chat"]
+    assert main(["generate", prompt, *common, "--draft", str(model_dir), "--gamma", "2"]) == 0
+    out, err = capsys.readouterr()
+    target, _ = load_pair(str(model_dir), "none")
+    engine = Engine(target.model, None, EngineConfig(gamma=0), target.tokenizer)
+    [expected] = engine.generate([prompt], SamplingParams(max_tokens=5, temperature=0))
+    # Greedy speculation gives target-only decoding's text; the stats go to stderr.
+    assert out == expected.text + "\n"
+    assert f"tokens={len(expected.token_ids)} " in err and "gamma=2" in err
+
+
+def test_generate_reports_bad_input_in_one_line(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Inconsistent settings are refused before any model loads (this target does not exist).
+    missing = ["--target", "/no/such/model", "--draft", "none"]
+    for flags, message in [
+        (["--draft-window", "64", "--draft-head", "64"], "draft_head must be >= 0 and below"),
+        (["--gamma", "-1"], "gamma must be >= 0"),
+        (["--max-tokens", "0"], "max_tokens must be >= 1"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+    ]:
+        assert main(["generate", "hi", *missing, *flags]) == 2
+        assert capsys.readouterr().err.startswith(f"specserve: {message}")
+    assert main(["serve", *missing, "--draft-window", "8", "--draft-head", "9"]) == 2
+    assert "draft_head" in capsys.readouterr().err
+    # A model that cannot be found, a prompt that cannot fit: one line each, no traceback.
+    assert main(["generate", "hi", *missing]) == 1
+    err = capsys.readouterr().err
+    assert "/no/such/model" in err and "Traceback" not in err
+    too_long = ["--target", str(model_dir), "--draft", "none", "--max-len", "4", "--no-chat"]
+    assert main(["generate", "a b c d e f g h", *too_long]) == 1
+    err = capsys.readouterr().err
+    assert "shorten the prompt" in err and "Traceback" not in err
+
+
 def test_engine_settings_come_from_flags_and_environment(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -109,6 +153,8 @@ def test_engine_settings_come_from_flags_and_environment(
         config(["--draft-weights", "int2"])
     assert (config([]).draft_window, config([]).draft_head) == (256, 128)
     assert config(["--draft-head", "0"]).draft_head == 0
+    # A smaller window alone keeps the head within it: half of it.
+    assert config(["--draft-window", "64"]).draft_head == 32
     monkeypatch.setenv("SPECSERVE_DRAFT_HEAD", "64")
     assert config([]).draft_head == 64
 
