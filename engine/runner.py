@@ -137,18 +137,22 @@ class ModelRunner:
             hidden = packed.new_zeros((rows, width, packed.shape[-1]))
             hidden[real] = packed
         else:
-            hidden = self._hidden(input_ids, batch, width)
+            hidden = self._hidden(input_ids, batch, width, kv_only=output == "none")
+        if output == "none":
+            return None
+        assert hidden is not None
         if output == "all":
             return self.lm_head(hidden).float()
         if output == "hidden":
             return hidden
-        if output == "none":
-            return None
         picked = hidden[torch.arange(rows, device=self.device), num_new - 1]
         return self.lm_head(picked).float()
 
-    def _hidden(self, input_ids: torch.Tensor, batch: RaggedBatch, width: int) -> torch.Tensor:
-        """The final hidden states [B, T, H] of ``input_ids`` [B, T], K/V written to the slots."""
+    def _hidden(
+        self, input_ids: torch.Tensor, batch: RaggedBatch, width: int, kv_only: bool = False
+    ) -> torch.Tensor | None:
+        """The final hidden states [B, T, H] of ``input_ids`` [B, T], K/V written to the slots
+        (with ``kv_only`` only the K/V are sure to be computed: None may come back)."""
         rows = len(batch.slots)
         starts = self._device_ints(batch.starts)
         num_new = self._device_ints(batch.num_new)
@@ -172,7 +176,7 @@ class ModelRunner:
             contiguous = batch.slots[0]
         self.cache.plan(write_slot, write_pos, slots, read_len, contiguous)
         if self.fused is not None:
-            return self.fused(input_ids, mask[:, None], position_ids, self.cache)
+            return self.fused(input_ids, mask[:, None], position_ids, self.cache, kv_only)
         return self.body(
             input_ids=input_ids,
             attention_mask=mask[:, None],

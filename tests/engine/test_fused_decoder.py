@@ -161,6 +161,38 @@ def test_c_step_is_the_python_layer_loop_bit_for_bit(arch: str, weights: str, is
         assert torch.equal(step.cache.values[layer], loop.cache.values[layer])
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_prefill_without_outputs_stops_at_the_last_layers_kv(arch: str) -> None:
+    """A prompt prefill wants only K/V (the first round feeds its last token again): the last
+    layer's attention, output projection and MLP are skipped, the cache is the full forward's
+    bit for bit, and so is everything decoded after it."""
+    model = _model(arch)
+    kv_only, full = (ModelRunner(model, num_slots=2, capacity=64) for _ in range(2))
+    calls: list[str] = []
+    for name, layer in (
+        ("first", model.base_model.layers[0]),
+        ("last", model.base_model.layers[-1]),
+    ):
+        down = layer.mlp.down_proj
+        down.forward = lambda x, down=down, name=name: (
+            calls.append(name),
+            type(down).forward(down, x),
+        )[1]
+    prompts = RaggedBatch([[5, 6, 7, 8, 9, 10, 11], [3, 4, 12]], [0, 1], [0, 0], [7, 3])
+    with cpu_linear.prompt_gemm():
+        assert kv_only.forward(prompts, "none") is None
+        assert calls == ["first"]
+        calls.clear()
+        assert full.forward(prompts, "hidden") is not None
+        assert calls == ["first", "last"]
+    layers = len(model.base_model.layers)
+    for layer in range(layers):
+        assert torch.equal(kv_only.cache.keys[layer], full.cache.keys[layer])
+        assert torch.equal(kv_only.cache.values[layer], full.cache.values[layer])
+    step = RaggedBatch([[40, 41], [42]], [0, 1], [7, 3], [2, 1])
+    assert torch.equal(kv_only.forward(step, "all"), full.forward(step, "all"))
+
+
 def test_fused_forward_is_batch_invariant(isa: str) -> None:
     """What greedy speculation relies on: a row's logits do not depend on its batch."""
     model = _model("qwen2")
