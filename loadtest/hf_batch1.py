@@ -65,9 +65,14 @@ def _timed(
     try:
         tokens = generate_once(target, ids, max_tokens, temperature, kwargs)
     except Exception as exc:  # one failed prompt must not end the baseline
-        return failed(prompt.task, start, time.perf_counter(), f"{type(exc).__name__}: {exc}")
-    end = time.perf_counter()
-    return RequestRecord(prompt.task, True, start, end, output_tokens=tokens, exact_tokens=True)
+        record = failed(prompt.task, start, time.perf_counter(), f"{type(exc).__name__}: {exc}")
+    else:
+        end = time.perf_counter()
+        record = RequestRecord(
+            prompt.task, True, start, end, output_tokens=tokens, exact_tokens=True
+        )
+    record.prompt = prompt.key
+    return record
 
 
 def measure_hf(

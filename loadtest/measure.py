@@ -70,7 +70,9 @@ async def measure_level(
     count = settings.num_requests or default_request_count(len(prompts), level)
 
     async def send(prompt: Prompt) -> RequestRecord:
-        return await stream_request(client, options, prompt)
+        record = await stream_request(client, options, prompt)
+        record.prompt = prompt.key
+        return record
 
     records, wall = await run_level(send, prompts, level, count, settings.duration_s, settings.seed)
     after = await acceptance.scrape(client)

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from loadtest.markdown import batch1_rates, speedup  # noqa: E402
+from loadtest.markdown import batch1_prompts, batch1_rates, speedup  # noqa: E402
 from loadtest.results import Report, SystemResult  # noqa: E402
 from loadtest.stats import LevelStats  # noqa: E402
 
@@ -133,7 +133,10 @@ def plot_speedups(
         return None
     groups = sorted({t for per_task in rates.values() for t in per_task} - {"overall"})
     groups.append("overall")
-    series = {f"{a} / {b}": [speedup(rates, (a, b), t) or 0.0 for t in groups] for a, b in pairs}
+    prompts = batch1_prompts(systems)
+    series = {
+        f"{a} / {b}": [speedup(rates, (a, b), t, prompts) or 0.0 for t in groups] for a, b in pairs
+    }
     title = "Batch-1 speedup per Spec-Bench task"
     return _grouped_bars(groups, series, "speedup (x)", title, path, reference=1.0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,6 +16,12 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spe
 class Prompt:
     task: str
     text: str
+
+    @property
+    def key(self) -> str:
+        """Names the prompt across systems and runs (its task and a digest of its text), so
+        that speedups compare systems on the prompts both finished."""
+        return f"{self.task}:{hashlib.sha1(self.text.encode()).hexdigest()[:12]}"
 
 
 def load_prompts(path: Path, per_task: int | None = None, limit: int | None = None) -> list[Prompt]:

@@ -20,6 +20,7 @@ class RequestRecord:
     # True when every content chunk carried cumulative usage, so ITL is per token.
     per_token_itl: bool = False
     itl: list[float] = field(default_factory=list)
+    prompt: str | None = None  # Prompt.key of what was sent
 
     @property
     def e2e(self) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,15 +47,26 @@ class TaskStats:
 
 
 def task_breakdown(records: Iterable[RequestRecord]) -> dict[str, TaskStats]:
-    tasks: dict[str, TaskStats] = {}
+    return _breakdown(records, lambda record: record.task)
+
+
+def prompt_breakdown(records: Iterable[RequestRecord]) -> dict[str, TaskStats]:
+    """The same per prompt (``Prompt.key``, which starts with the task)."""
+    return _breakdown((r for r in records if r.prompt is not None), lambda r: str(r.prompt))
+
+
+def _breakdown(
+    records: Iterable[RequestRecord], key: Callable[[RequestRecord], str]
+) -> dict[str, TaskStats]:
+    groups: dict[str, TaskStats] = {}
     for record in records:
         if not record.ok:
             continue
-        stats = tasks.setdefault(record.task, TaskStats())
+        stats = groups.setdefault(key(record), TaskStats())
         stats.requests += 1
         stats.tokens += record.output_tokens
         stats.seconds += record.e2e
-    return dict(sorted(tasks.items()))
+    return dict(sorted(groups.items()))
 
 
 def overall(tasks: dict[str, TaskStats]) -> TaskStats:
@@ -94,11 +105,14 @@ class LevelStats:
     acceptance: Acceptance | None = None
     tasks: dict[str, TaskStats] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # Per prompt (Prompt.key): what speedups between systems are computed over.
+    prompts: dict[str, TaskStats] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(vars(self))
         data["acceptance"] = self.acceptance.to_dict() if self.acceptance else None
         data["tasks"] = {name: t.to_dict() for name, t in self.tasks.items()}
+        data["prompts"] = {key: p.to_dict() for key, p in self.prompts.items()}
         return data
 
     @classmethod
@@ -107,6 +121,9 @@ class LevelStats:
         acceptance = fields.pop("acceptance")
         fields["acceptance"] = Acceptance.from_dict(acceptance) if acceptance else None
         fields["tasks"] = {n: TaskStats.from_dict(t) for n, t in fields.pop("tasks").items()}
+        # Reports written before per-prompt figures have none.
+        prompts = fields.pop("prompts", None) or {}
+        fields["prompts"] = {k: TaskStats.from_dict(p) for k, p in prompts.items()}
         return cls(**fields)
 
 
@@ -147,4 +164,5 @@ def summarise(
         acceptance=acceptance,
         tasks=task_breakdown(records),
         errors=[str(e) for e in errors],
+        prompts=prompt_breakdown(records),
     )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from loadtest.acceptance import Acceptance
 from loadtest.cli import main
 from loadtest.markdown import batch1_table, fmt, render, table
+from loadtest.prompts import Prompt
+from loadtest.records import RequestRecord
 from loadtest.results import Report, SystemResult
-from loadtest.stats import LevelStats, TaskStats
+from loadtest.stats import LevelStats, TaskStats, summarise
 
 
 def level(concurrency: int, tokens_per_s: float, qa: float, rag: float) -> LevelStats:
@@ -46,6 +49,42 @@ def test_render_has_a_table_per_level_and_the_batch1_speedups() -> None:
     assert rows["qa"].endswith("| 2.00x |")
     assert rows["rag"].endswith("| 4.00x |")
     assert rows["overall"].endswith("| 2.50x |")  # (120+80)/2 s over (60+20)/2 s
+
+
+def test_speedups_compare_only_the_prompts_both_systems_finished(tmp_path: Path) -> None:
+    """A baseline cut off by the time bound after one prompt per task: its speed on that
+    prompt against ours on the same one, not against ours over every prompt."""
+    prompts = [Prompt("qa", "short"), Prompt("qa", "long"), Prompt("rag", "doc")]
+
+    def records(seconds: list[float]) -> list[RequestRecord]:
+        done = []
+        for prompt, took in zip(prompts, seconds, strict=False):
+            record = RequestRecord(prompt.task, True, 0.0, took, output_tokens=10)
+            record.prompt = prompt.key
+            done.append(record)
+        return done
+
+    ours = SystemResult("ours", "server", [summarise(records([0.5, 2.0, 4.0]), 6.5, "c=1", 1)])
+    # The baseline finished the first qa prompt only: 2x slower than ours on it.
+    hf = SystemResult("hf", "in-process", [summarise(records([1.0]), 1.0, "c=1", 1)])
+    assert set(ours.levels[0].prompts) == {p.key for p in prompts}
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in (batch1_table([ours, hf], [("ours", "hf")]) or "").splitlines()
+    }
+    assert rows["qa"].endswith("| 2.00x |") and rows["overall"].endswith("| 2.00x |")
+    assert rows["rag"].endswith("| - |")  # nothing in common
+    # Without per-prompt figures (a report from before them) the task totals are compared:
+    # ours 20 tokens in 2.5 s on qa against hf's 10 in 1 s.
+    path = tmp_path / "report.json"
+    Report({}, {}, [ours, hf]).save(path)
+    data = json.loads(path.read_text())
+    for system in data["systems"]:
+        del system["levels"][0]["prompts"]
+    path.write_text(json.dumps(data))
+    old = Report.load(path).systems
+    assert old[0].levels[0].prompts == {}
+    assert (batch1_table(old, [("ours", "hf")]) or "").count("| 0.80x |") == 1
 
 
 def test_a_single_system_gets_one_table_of_levels() -> None:
