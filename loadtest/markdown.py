@@ -59,24 +59,24 @@ def level_tables(systems: list[SystemResult]) -> str:
     return "\n\n".join(parts)
 
 
+def _batch1_levels(systems: list[SystemResult]) -> dict[str, LevelStats]:
+    """Each system's concurrency-1 level, where it has one."""
+    levels = {system.name: system.level(1) for system in systems}
+    return {name: level for name, level in levels.items() if level is not None}
+
+
 def batch1_rates(systems: list[SystemResult]) -> dict[str, dict[str, TaskStats]]:
     """Per system with a concurrency-1 level: its tasks plus "overall"."""
-    rates: dict[str, dict[str, TaskStats]] = {}
-    for system in systems:
-        level = system.level(1)
-        if level is not None and level.tasks:
-            rates[system.name] = {**level.tasks, "overall": overall(level.tasks)}
-    return rates
+    return {
+        name: {**level.tasks, "overall": overall(level.tasks)}
+        for name, level in _batch1_levels(systems).items()
+        if level.tasks
+    }
 
 
 def batch1_prompts(systems: list[SystemResult]) -> dict[str, dict[str, TaskStats]]:
     """Per system with a concurrency-1 level: its figures per prompt (``Prompt.key``)."""
-    prompts: dict[str, dict[str, TaskStats]] = {}
-    for system in systems:
-        level = system.level(1)
-        if level is not None and level.prompts:
-            prompts[system.name] = level.prompts
-    return prompts
+    return {name: level.prompts for name, level in _batch1_levels(systems).items() if level.prompts}
 
 
 def speedup(
