@@ -1,0 +1,65 @@
+"""The engine on a CUDA device: run where one is lent (loadtest/device_check.sh), skipped elsewhere.
+
+On CPU our kernels make verify and decode forwards bit-identical; on CUDA the library picks
+kernels by shape, so greedy identity there is a claim these tests check rather than assume.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import EngineConfig, SamplingParams
+from engine.engine import Engine
+from engine.synthetic import random_prompts, synthetic_pair
+from engine.synthetic_bench import profile_kernels, run_level
+from tests.engine.conftest import perturbed, tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], list(range(40, 63)), [7]]
+
+
+def on_cuda(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return model.to(device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_greedy_speculation_is_target_only_on_cuda(dtype: torch.dtype, gamma: int) -> None:
+    target = on_cuda(tiny_model("qwen2", seed=0), dtype)
+    draft = on_cuda(perturbed(tiny_model("qwen2", seed=0), 0.1), dtype)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    baseline = Engine(target, None, EngineConfig(gamma=0, max_slots=4, max_len=128))
+    speculative = Engine(target, draft, EngineConfig(gamma=gamma, max_slots=4, max_len=128))
+    expected = [c.token_ids for c in baseline.generate(PROMPTS, params)]
+    got = [c.token_ids for c in speculative.generate(PROMPTS, params)]
+    assert got == expected
+    assert 0 < speculative.stats.accepted < speculative.stats.drafted
+
+
+def test_real_shapes_speculate_with_adaptive_gamma_on_cuda() -> None:
+    pair = synthetic_pair("real", agreement=0.85, device="cuda", max_len=512)
+    config = EngineConfig(gamma=6, max_slots=4, max_len=512, adaptive_gamma=True)
+    engine = Engine(pair.target, pair.draft, config)
+    assert engine.costs is not None  # calibrated on the device, with its synchronisation
+    prompts = random_prompts(4, 200, pair.target.config.vocab_size, seed=1)
+    result = run_level(engine, prompts, max_tokens=48)
+    completions = engine.generate(prompts, SamplingParams(max_tokens=48, temperature=0))
+    assert [c.token_ids for c in completions] == [pair.continuation(p[-1], 48) for p in prompts]
+    assert result.tokens == 4 * 48
+    per_round = profile_kernels(engine, prompts, max_tokens=48)
+    assert per_round is not None
+    # Kernels fill part of each round, never more than all of it.
+    assert 0 < per_round < result.round_seconds / result.rounds * 1.5
+
+
+def test_seeded_sampling_repeats_on_cuda() -> None:
+    target = on_cuda(tiny_model("qwen2", seed=0), torch.bfloat16)
+    draft = on_cuda(perturbed(tiny_model("qwen2", seed=0), 0.1), torch.bfloat16)
+    engine = Engine(target, draft, EngineConfig(gamma=4, max_slots=4, max_len=128))
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    first = [c.token_ids for c in engine.generate(PROMPTS, params)]
+    second = [c.token_ids for c in engine.generate(PROMPTS, params)]
+    assert first == second
+    assert engine.stats.drafted > 0
