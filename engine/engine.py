@@ -27,6 +27,7 @@ from engine.gamma import (
     calibration_sizes,
     catch_up_pays,
     choose_gamma,
+    drafting_saving,
     expected_tokens,
     measure,
     measure_until_linear,
@@ -467,6 +468,7 @@ class Engine:
         # Judged at the batch size the queued and prefilling requests are about to make.
         coming = len(self._prefilling) + len(self.scheduler.waiting)
         soon = min(self.config.max_slots, len(batch) + coming)
+        savings: dict[tuple[float, int], float] = {}  # drafting_saving per (alpha, cap)
         for index, request in enumerate(batch):
             if caps[index] == 0:
                 continue
@@ -476,7 +478,7 @@ class Engine:
                 # Not in a row's first round: the draft's catch-up of the prompt and its steps
                 # would hold back the token a streaming client awaits (copied drafts may go).
                 and bool(request.output_token_ids)
-                and self._draft_ready(request, caps[index], model_prior, soon, context)
+                and self._draft_ready(request, caps[index], model_prior, soon, context, savings)
             )
             proposal = request.lookup.propose(caps[index]) if request.lookup is not None else []
             if proposal:
@@ -532,7 +534,13 @@ class Engine:
         return plan
 
     def _draft_ready(
-        self, request: Request, cap: int, model_prior: float, rows: int, context: float
+        self,
+        request: Request,
+        cap: int,
+        model_prior: float,
+        rows: int,
+        context: float,
+        savings: dict[tuple[float, int], float],
     ) -> bool:
         """Whether the draft model may propose for this row. A row that never drafted owes
         its draft slot the prompt, and pays that catch-up only when the tokens it can be
@@ -547,7 +555,11 @@ class Engine:
             len(request.output_token_ids), request.max_new_tokens
         )
         alpha = request.acceptance.alpha(model_prior)
-        return catch_up_pays(alpha, cap, remaining, missing, rows, self.costs, context)
+        # New rows mostly share the prior's alpha and the cap: one pricing serves them all.
+        if (alpha, cap) not in savings:
+            savings[alpha, cap] = drafting_saving(alpha, cap, rows, self.costs, context)
+        saving = savings[alpha, cap]
+        return catch_up_pays(alpha, cap, remaining, missing, rows, self.costs, context, saving)
 
     def _lookup_beats_model(
         self,

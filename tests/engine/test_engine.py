@@ -436,6 +436,39 @@ def _catch_up_judging_engine(target, draft, config: EngineConfig) -> tuple[Engin
     return eng, rounds
 
 
+def test_rows_alike_share_one_catch_up_pricing_per_round(monkeypatch) -> None:
+    """New rows with the prior's alpha are judged once a round, not once each: pricing each
+    was a choose_gamma over the whole batch per row, quadratic in the batch (3 ms a round at
+    32 rows), paid even in rounds that end up not drafting."""
+    from engine import gamma
+    from engine.gamma import CostModel
+
+    target, _ = models("llama")
+    config = EngineConfig(gamma=4, max_slots=4, max_len=128, prompt_lookup=0)
+    eng = Engine(target, perturbed(target, 0.05), config)
+    # Catch-ups never pay here, so the rows stay new (and alike) round after round.
+    eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.1}, draft_catch_up={1: 1.0})
+    pricings = []
+    original = gamma.choose_gamma
+
+    def counted(*args, **kwargs):
+        pricings.append(len(args[0]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gamma, "choose_gamma", counted)  # what catch-up pricing runs
+    rounds: list = []
+    eng.on_round = rounds.append
+    results = eng.generate([PROMPTS[2]] * 4, GREEDY)
+    assert [r.token_ids for r in results] == [hf_greedy("llama")[2]] * 4
+    assert eng.stats.drafted == 0
+    full_rounds = [r for r in rounds if r.batch_size == 4]
+    assert len(full_rounds) >= NEW_TOKENS - 2
+    # At most one pricing per round (none in a row's first round, which never drafts), each
+    # of the whole batch.
+    assert 0 < len(pricings) <= len(rounds)
+    assert set(pricings) <= {1, 2, 3, 4}
+
+
 def test_a_new_row_judges_the_draft_prefill_at_the_batch_the_queue_will_make() -> None:
     target, _ = models("llama")
     draft = perturbed(target, 0.05)

@@ -16,6 +16,7 @@ from engine.gamma import (
     best_lookup_length,
     catch_up_pays,
     choose_gamma,
+    drafting_saving,
     expected_tokens,
 )
 from tests.engine.test_engine import GREEDY, PROMPTS, hf_greedy, models
@@ -262,6 +263,39 @@ def test_catch_up_pays_only_when_the_remaining_tokens_repay_it() -> None:
     assert catch_up_pays(0.8, 6, remaining=4, missing=8, rows=1, costs=costs)
     # Under load each row's saving shrinks while every row's catch-up stalls the whole batch.
     assert not catch_up_pays(0.8, 6, remaining=60, missing=256, rows=8, costs=costs)
+
+
+def test_choose_gamma_prices_rows_alike_as_one_group() -> None:
+    # Rows with the same (alpha, cap) are summed as count x one row's tokens: the choice must
+    # be the brute-force argmax of emitted tokens per second over every row.
+    alphas = [0.9, 0.5, 0.9, 0.9, 0.2, 0.5]
+    caps = [6, 6, 6, 2, 6, 6]
+    for costs in (MEMORY_BOUND, replace(MEMORY_BOUND, draft={1: 0.05, 8: 0.09})):
+        for other_rows, other_tokens in ((0, 0), (3, 7)):
+            rows = list(zip(alphas, caps, strict=True))
+            rates = [
+                (other_rows + sum(expected_tokens(a, min(g, c)) for a, c in rows))
+                / costs.round_seconds(len(alphas), g, other_tokens)
+                for g in range(7)
+            ]
+            best = max(range(7), key=lambda g: (rates[g], -g))
+            assert choose_gamma(alphas, caps, 6, costs, other_rows, other_tokens) == best
+
+
+def test_drafting_saving_is_what_catch_up_weighs() -> None:
+    costs = replace(MEMORY_BOUND, draft_catch_up={1: 0.005})
+    # A poor draft saves nothing; a good one saves plain round time minus drafted time per token.
+    assert drafting_saving(0.05, 6, 1, costs) == 0.0
+    saving = drafting_saving(0.8, 6, 1, costs)
+    gamma = choose_gamma([0.8], [6], 6, costs)
+    per_token = costs.round_seconds(1, gamma) / expected_tokens(0.8, gamma)
+    assert saving == pytest.approx(costs.round_seconds(1, 0) - per_token)
+    assert saving > 0
+    # Handing the saving in (as the engine does for rows alike) changes no verdict.
+    for remaining, missing in ((60, 256), (4, 256), (4, 8)):
+        alone = catch_up_pays(0.8, 6, remaining, missing, 1, costs)
+        assert catch_up_pays(0.8, 6, remaining, missing, 1, costs, saving=saving) == alone
+    assert not catch_up_pays(0.8, 6, 60, 8, 1, costs, saving=0.0)
 
 
 def test_catch_up_cost_follows_its_table_not_a_rate_per_token() -> None:
