@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,10 @@ class ModelRunner:
         # Our own forward where the model family and dtype allow (same weights, less glue).
         self.fused = FusedDecoder.build(model) if fused else None
         self.mask_min = torch.finfo(self.dtype).min
+        # transformers renamed the forward's cache argument (past_key_values -> cache; the old
+        # name warns, and goes in 5.40): pass it under the name this version's forward takes.
+        parameters = inspect.signature(self.body.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         # Attention for prompt prefill when it should differ from decoding's (see Engine).
         self.prefill_attention: str | None = None
         # One token through the trash slot allocates every layer's buffers at their real shapes.
@@ -181,6 +186,6 @@ class ModelRunner:
             input_ids=input_ids,
             attention_mask=mask[:, None],
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_argument: self.cache},
         ).last_hidden_state

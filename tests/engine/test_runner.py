@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig
@@ -26,6 +28,17 @@ def test_ragged_batch_matches_separate_full_forwards(arch: str) -> None:
     # Rewriting position 11 (what rollback then re-feeding does) gives the same logits again.
     again = runner.forward(RaggedBatch([[a[11]]], [2], [11], [1]))
     torch.testing.assert_close(again[0], ref_a[11], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_cache_goes_in_under_the_name_the_forward_takes(arch: str) -> None:
+    # transformers 5.2x took the slot cache as past_key_values with a FutureWarning (gone in
+    # 5.40); passed as what the installed forward names it, it warns nothing and still works.
+    runner = ModelRunner(tiny_model(arch), num_slots=2, capacity=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        logits = runner.forward(RaggedBatch([[5, 6, 7]], [0], [0], [3]))
+    assert logits is not None and logits.shape == (1, runner.vocab_size)
 
 
 def test_cache_is_allocated_at_start_with_the_model_shapes() -> None:
