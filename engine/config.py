@@ -77,6 +77,10 @@ class EngineConfig:
     # between its chunks, so the running rows stall for one chunk at a time, not for the whole
     # prompt. With nothing decoding, prompts are computed whole (fewer, more efficient GEMMs).
     prefill_chunk: int = 512
+    # A directory where adaptive gamma keeps its start-up timings (engine/calibration.py): a
+    # later start with the same models, machine and settings checks a few of them instead of
+    # timing everything (None: time at every start).
+    calibration_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.gamma < 0:

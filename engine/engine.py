@@ -7,14 +7,15 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine import cpu_attention, cpu_linear
+from engine import calibration, cpu_attention, cpu_linear
 from engine.config import EngineConfig, SamplingParams
 from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
@@ -208,26 +209,89 @@ class Engine:
         self.costs: CostModel | None = None
         self.output_lengths = OutputLengths()
         if config.adaptive_gamma and self.gamma > 0:
-            self.costs = self._calibrate()
+            self.costs = self._start_up_costs()
         self._inbox: deque[Request] = deque()
         self._aborts: deque[str] = deque()
         self._prefilling: list[Request] = []  # admitted, prompt not yet all in the target slot
         self._lock = threading.Lock()
         log.info(self.describe())
 
+    def _verify_probe(self, tokens: int) -> None:
+        """A verify forward of ``tokens`` tokens in the trash slot (for timing only)."""
+        trash = self.config.max_slots
+        self.target.forward(RaggedBatch([[0] * tokens], [trash], [0], [tokens]), "all")
+
+    def _draft_probe(self, rows: int) -> None:
+        """A draft step of ``rows`` rows in the trash slot (for timing only)."""
+        assert self.proposer is not None
+        trash = self.config.max_slots
+        batch = RaggedBatch([[0]] * rows, [trash] * rows, list(range(rows)), [1] * rows)
+        self.proposer.runner.forward(batch)
+
+    def _start_up_costs(self) -> CostModel:
+        """Adaptive gamma's timings: from the calibration cache when a spot check agrees with
+        them, else measured (and then kept there)."""
+        if self.config.calibration_cache is None:
+            return self._calibrate()
+        directory = Path(self.config.calibration_cache)
+        facts = self._calibration_facts()
+        key = calibration.digest(facts)
+        cached = calibration.load(directory, key)
+        if cached is not None:
+            started = time.perf_counter()
+            sizes = [s for s in calibration.SPOT_VERIFY if s in cached.target]
+            fresh = measure(self._verify_probe, sizes or [min(cached.target)],
+                            synchronize=self.target.synchronize)  # fmt: skip
+            holds = calibration.still_holds(cached.target, fresh)
+            if holds and self.proposer is not None and cached.draft:
+                sync = self.proposer.runner.synchronize
+                fresh_draft = measure(self._draft_probe, [min(cached.draft)], synchronize=sync)
+                holds = calibration.still_holds(cached.draft, fresh_draft)
+            seconds = time.perf_counter() - started
+            if holds:
+                log.info("adaptive gamma: timings from %s (checked in %.1f s)", directory, seconds)
+                return cached
+            log.info("adaptive gamma: the kept timings no longer hold on this machine")
+        costs = self._calibrate()
+        calibration.save(directory, key, costs, facts)
+        return costs
+
+    def _calibration_facts(self) -> dict[str, Any]:
+        """Everything a forward's cost depends on, naming the calibration that holds for it."""
+        settings = asdict(self.config)
+        settings.pop("calibration_cache")
+        runners = {"target": self.target}
+        if self.proposer is not None:
+            runners["draft"] = self.proposer.runner
+        return {
+            "format": calibration.FORMAT,
+            "engine": settings,
+            "gamma": self.gamma,
+            "capacity": self.target.capacity,
+            "models": {
+                name: {
+                    "config": runner.model.config.to_dict(),
+                    "dtype": str(runner.dtype),
+                    "attention": runner.model.config._attn_implementation,
+                    "fused": runner.fused is not None,
+                }
+                for name, runner in runners.items()
+            },
+            "device": self.target.device.type,
+            "device_name": calibration.device_name(self.target.device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cpu_kernels": cpu_linear.isa() if self.config.cpu_kernels else None,
+            "prompt_gemm_rows": cpu_linear.PROMPT_GEMM_MIN_ROWS,
+        }
+
     def _calibrate(self) -> CostModel:
         """Times verify forwards of 1..slots*(gamma+1) tokens and draft steps of 1..slots rows,
         in the trash slot, so adaptive gamma knows what each choice costs on this machine."""
         trash = self.config.max_slots
         capacity = self.target.capacity
-
-        def verify(tokens: int) -> None:
-            self.target.forward(RaggedBatch([[0] * tokens], [trash], [0], [tokens]), "all")
-
-        def draft(rows: int) -> None:
-            assert self.proposer is not None
-            batch = RaggedBatch([[0]] * rows, [trash] * rows, list(range(rows)), [1] * rows)
-            self.proposer.runner.forward(batch)
+        verify = self._verify_probe
+        draft = self._draft_probe
 
         started = time.perf_counter()
         limit = min(capacity, self.config.max_slots * (self.gamma + 1))

@@ -147,13 +147,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "CPU without bf16 instructions: time torch's fp32 GEMM against specserve's kernel at "
         "start-up (~1-2 s) and prefill prompts with the faster (default on)",
     )
+    _switch(
+        group,
+        "--calibration-cache",
+        "keep adaptive gamma's start-up timings under the cache directory ($SPECSERVE_CACHE, "
+        "default ~/.cache/specserve) and reuse them when a quick check agrees (default on)",
+    )
     _int_option(group, "--threads", 0, "CPU threads (0 = torch default)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig ``args`` ask for (ValueError when they are inconsistent), checked
     before any model loads so a bad flag costs no load."""
+    from engine.loader import cache_dir
+
     head = args.draft_head
+    calibration = str(cache_dir() / "calibration") if args.calibration_cache else None
     return EngineConfig(
         gamma=args.gamma,
         max_slots=args.max_slots,
@@ -172,6 +181,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         prefill_budget=args.prefill_budget,
         prefill_chunk=args.prefill_chunk,
         tune_prompt_gemm=args.tune_prompt_gemm,
+        calibration_cache=calibration,
     )
 
 

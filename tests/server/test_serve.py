@@ -157,6 +157,12 @@ def test_engine_settings_come_from_flags_and_environment(
     assert config(["--draft-window", "64"]).draft_head == 32
     monkeypatch.setenv("SPECSERVE_DRAFT_HEAD", "64")
     assert config([]).draft_head == 64
+    # Adaptive gamma's timings are kept beside the converted models unless told otherwise.
+    monkeypatch.setenv("SPECSERVE_CACHE", str(model_dir.parent / "cache"))
+    assert config([]).calibration_cache == str(model_dir.parent / "cache" / "calibration")
+    assert config(["--no-calibration-cache"]).calibration_cache is None
+    monkeypatch.setenv("SPECSERVE_CALIBRATION_CACHE", "0")
+    assert config([]).calibration_cache is None
 
 
 def test_the_engine_is_built_in_a_thread_that_ends() -> None:

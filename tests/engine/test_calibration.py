@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine import calibration
+from engine import engine as engine_module
+from engine.calibration import digest, from_json, load, save, still_holds, to_json
+from engine.config import EngineConfig, SamplingParams
+from engine.engine import Engine
+from engine.gamma import CostModel
+from tests.engine.conftest import perturbed, tiny_model
+
+COSTS = CostModel(
+    target={1: 0.10, 2: 0.11, 8: 0.19},
+    draft={1: 0.012, 2: 0.019},
+    draft_catch_up={16: 0.1, 64: 0.36},
+    attention=1.5e-7,
+    learn=True,
+)
+
+
+def test_figures_survive_the_round_trip_through_json() -> None:
+    data = json.loads(json.dumps(to_json(COSTS)))  # int keys become strings on the way
+    restored = from_json(data)
+    assert restored == COSTS
+    assert restored is not None and restored.learn  # a kept table goes on learning
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda d: d.update(format=calibration.FORMAT + 1),
+        lambda d: d.pop("draft"),
+        lambda d: d.update(target={}),
+        lambda d: d.update(target={"one": 0.1}),
+        lambda d: d.update(attention=None),
+    ],
+)
+def test_a_file_of_another_format_or_incomplete_is_no_calibration(
+    spoil: Callable[[dict], object],
+) -> None:
+    data = json.loads(json.dumps(to_json(COSTS)))
+    spoil(data)
+    assert from_json(data) is None
+
+
+def test_save_then_load_and_what_cannot_be_read(tmp_path: Path) -> None:
+    directory = tmp_path / "calibration"
+    assert load(directory, "abc") is None  # nothing kept yet
+    save(directory, "abc", COSTS, {"device": "cpu"})
+    assert load(directory, "abc") == COSTS
+    assert json.loads((directory / "abc.json").read_text())["facts"] == {"device": "cpu"}
+    assert [p.name for p in directory.iterdir()] == ["abc.json"]  # no temporary file left
+    (directory / "abc.json").write_text("{not json")
+    assert load(directory, "abc") is None
+
+
+def test_a_cache_that_cannot_be_written_costs_nothing_but_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    save(blocked, "abc", COSTS, {})  # a directory that is a file: no exception
+    assert "could not keep the calibration" in caplog.text
+
+
+def test_the_digest_names_the_facts() -> None:
+    facts = {"threads": 2, "models": {"target": {"hidden": 64}}}
+    assert digest(facts) == digest({"models": {"target": {"hidden": 64}}, "threads": 2})
+    assert digest(facts) != digest(facts | {"threads": 4})
+
+
+def test_still_holds_within_the_tolerance_only() -> None:
+    table = {1: 0.1, 8: 0.2}
+    assert still_holds(table, {1: 0.11, 8: 0.18})
+    assert not still_holds(table, {1: 0.1, 8: 0.2 * calibration.TOLERANCE * 1.05})
+    assert not still_holds(table, {1: 0.1 / (calibration.TOLERANCE * 1.05)})
+    assert not still_holds(table, {4: 0.15})  # a size the table never timed
+
+
+class FakeTimings:
+    """Stands in for the engine's timers: calibrations counted, spot checks answered from a
+    table scaled by ``drift`` (1.0: the machine is as it was)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calibrations = 0
+        self.checks = 0
+        self.drift = 1.0
+        monkeypatch.setattr(engine_module, "measure_until_linear", self.full)
+        monkeypatch.setattr(engine_module, "measure", self.some)
+
+    @staticmethod
+    def seconds(size: int) -> float:
+        return 0.01 + 0.002 * size
+
+    def full(self, forward, sizes, synchronize=None) -> dict[int, float]:
+        self.calibrations += 1
+        return {size: self.seconds(size) * self.drift for size in sizes}
+
+    def some(self, forward, sizes, repeats=3, synchronize=None) -> dict[int, float]:
+        self.checks += 1
+        return {size: self.seconds(size) * self.drift for size in sizes}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_model("qwen2", seed=0)
+    return target, perturbed(target, 0.1)
+
+
+def build(pair, directory: Path | None, **settings) -> Engine:
+    chosen = {"gamma": 4, "max_slots": 2, "max_len": 128, "adaptive_gamma": True} | settings
+    config = EngineConfig(calibration_cache=None if directory is None else str(directory), **chosen)
+    return Engine(pair[0], pair[1], config)
+
+
+def test_a_second_start_reuses_the_kept_timings(pair, tmp_path: Path, monkeypatch) -> None:
+    timings = FakeTimings(monkeypatch)
+    first = build(pair, tmp_path)
+    assert timings.calibrations == 1 and timings.checks > 0  # draft and catch-up tables
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    checks = timings.checks
+    second = build(pair, tmp_path)
+    assert timings.calibrations == 1  # not timed again
+    assert timings.checks == checks + 2  # the spot check: verify sizes, then a draft step
+    assert second.costs is not None and first.costs is not None
+    assert second.costs.target == first.costs.target
+    assert second.costs.draft == first.costs.draft
+    assert second.costs.draft_catch_up == first.costs.draft_catch_up
+    # It decodes as any engine does.
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert second.generate([[5, 6, 7]], params)[0].token_ids == (
+        first.generate([[5, 6, 7]], params)[0].token_ids
+    )
+
+
+def test_other_settings_or_a_changed_machine_time_afresh(pair, tmp_path: Path, monkeypatch) -> None:
+    timings = FakeTimings(monkeypatch)
+    build(pair, tmp_path)
+    build(pair, tmp_path, max_slots=3)  # another verify range: another calibration
+    assert timings.calibrations == 2
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    timings.drift = 2.0  # the machine now runs at half the speed
+    slow = build(pair, tmp_path)
+    assert timings.calibrations == 3
+    assert len(list(tmp_path.glob("*.json"))) == 2  # the stale file was replaced
+    build(pair, tmp_path)
+    assert timings.calibrations == 3  # the replacement holds
+    assert slow.costs is not None
+
+
+def test_without_a_directory_every_start_calibrates(pair, tmp_path: Path, monkeypatch) -> None:
+    timings = FakeTimings(monkeypatch)
+    build(pair, None)
+    build(pair, None)
+    assert timings.calibrations == 2
+    assert list(tmp_path.iterdir()) == []
