@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from engine.config import (
     CLI_DRAFT_HEAD,
@@ -202,6 +203,24 @@ def build_engine(args: argparse.Namespace):
     return engine, target, draft
 
 
+# Settings whose flag is not their field's name with dashes.
+FIELD_FLAGS = {"num_threads": "--threads"}
+
+
+def in_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """A settings error in the words the user typed: the config field names it quotes
+    (``draft_head``) become the flags that set them (``--draft-head``)."""
+    known = {a for action in parser._actions for a in action.option_strings}
+    names = {f.name for f in fields(EngineConfig)} | {f.name for f in fields(SamplingParams)}
+
+    def flag(match: re.Match[str]) -> str:
+        word = match.group(0)
+        option = FIELD_FLAGS.get(word, "--" + word.replace("_", "-"))
+        return option if word in names and option in known else word
+
+    return re.sub(r"\b[a-z][a-z_]*\b", flag, message)
+
+
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_tokens=args.max_tokens,
@@ -316,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "generate":
                 _sampling_params(args)
         except ValueError as exc:
-            print(f"specserve: {exc}", file=sys.stderr)
+            print(
+                f"specserve: {in_flags(str(exc), commands.choices[args.command])}", file=sys.stderr
+            )
             return 2
     if args.command == "generate":
         return _generate(args)

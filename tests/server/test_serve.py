@@ -108,15 +108,19 @@ def test_generate_reports_bad_input_in_one_line(
     # Inconsistent settings are refused before any model loads (this target does not exist).
     missing = ["--target", "/no/such/model", "--draft", "none"]
     for flags, message in [
-        (["--draft-window", "64", "--draft-head", "64"], "draft_head must be >= 0 and below"),
-        (["--gamma", "-1"], "gamma must be >= 0"),
-        (["--max-tokens", "0"], "max_tokens must be >= 1"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
-    ]:
+        # Named by the flags that set them, not by the config fields behind those.
+        (["--draft-window", "64", "--draft-head", "64"],
+         "--draft-head must be >= 0 and below --draft-window (64)"),
+        (["--gamma", "-1"], "--gamma must be >= 0"),
+        (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--threads", "-2"], "--threads must be >= 1"),
+    ]:  # fmt: skip
         assert main(["generate", "hi", *missing, *flags]) == 2
         assert capsys.readouterr().err.startswith(f"specserve: {message}")
     assert main(["serve", *missing, "--draft-window", "8", "--draft-head", "9"]) == 2
-    assert "draft_head" in capsys.readouterr().err
+    assert "--draft-head" in capsys.readouterr().err
     # A model that cannot be found, a prompt that cannot fit: one line each, no traceback.
     assert main(["generate", "hi", *missing]) == 1
     err = capsys.readouterr().err
