@@ -19,6 +19,7 @@ from engine import calibration, cpu_attention, cpu_linear
 from engine.config import EngineConfig, SamplingParams
 from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
+from engine.device import to_device
 from engine.gamma import (
     PROBE_ALPHA,
     PROBE_EVERY,
@@ -503,15 +504,8 @@ class Engine:
                 )
 
     def _sampling(self, batch: list[Request]) -> RowSampling:
-        device = self.target.device
-        params = [r.params for r in batch]
-        return RowSampling(
-            greedy=torch.tensor([p.greedy for p in params], device=device),
-            all_greedy=all(p.greedy for p in params),
-            temperature=torch.tensor([p.temperature for p in params], device=device),
-            top_k=torch.tensor([max(p.top_k, 0) for p in params], device=device),
-            top_p=torch.tensor([p.top_p for p in params], device=device),
-            seeds=torch.tensor([r.seed for r in batch], device=device),
+        return RowSampling.build(
+            [r.params for r in batch], [r.seed for r in batch], self.target.device
         )
 
     def _plan(self, batch: list[Request]) -> RoundPlan:
@@ -715,23 +709,23 @@ class Engine:
                 next_positions=[r.num_tokens - r.draft_gap for r in chosen],
                 first_positions=[r.num_tokens for r in chosen],
             )
-            index = torch.tensor(plan.draft_rows, device=device)
+            index = to_device(plan.draft_rows, device)
             proposed, proposed_probs = self.proposer.propose(
-                rows, plan.draft_gamma, sampling.select(index)
+                rows, plan.draft_gamma, sampling.select(plan.draft_rows, index)
             )
             draft_tokens[index, : plan.draft_gamma] = proposed
             if draft_probs is not None and proposed_probs is not None:
                 draft_probs[index, : plan.draft_gamma] = proposed_probs
         if plan.lookups:
-            index = torch.tensor(list(plan.lookups), device=device)
+            index = to_device(list(plan.lookups), device)
             copied = [t + [0] * (gamma - len(t)) for t in plan.lookups.values()]
-            draft_tokens[index] = torch.tensor(copied, device=device)
+            draft_tokens[index] = to_device(copied, device)
             if draft_probs is not None:
                 # A copied token is a certain proposal: q = 1 on it (padding lies past row_gamma).
                 certain = torch.zeros_like(draft_probs[index])
                 draft_probs[index] = certain.scatter_(-1, draft_tokens[index, :, None], 1.0)
         t1 = time.perf_counter()
-        last = torch.tensor([[r.last_token] for r in batch], device=device)
+        last = to_device([[r.last_token] for r in batch], device)
         verify_batch = RaggedBatch(
             torch.cat([last, draft_tokens], dim=1),
             [r.slot for r in batch],
@@ -745,10 +739,10 @@ class Engine:
             draft_probs,
             target_logits,
             target_probs,
-            torch.tensor(row_gamma, device=device),
+            to_device(row_gamma, device),
             sampling.greedy,
             sampling.seeds,
-            torch.tensor(num_tokens, device=device),
+            to_device(num_tokens, device),
         )
         # The round's single device-to-host transfer.
         host = torch.cat([verdict.tokens, verdict.accepted_len[:, None]], dim=1).tolist()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.device import to_device
 from engine.request import TokenLogprob
 
 _PROMPT_CHUNK = 256  # positions per LM-head call: bounds the [chunk, vocab] logits in memory
@@ -47,7 +48,7 @@ def prompt_logprobs(
     """Logprobs of prompt tokens 2..n from the prefill's hidden states [n-1, H]; the first
     prompt token has no context, hence None (OpenAI's convention)."""
     result: list[TokenLogprob | None] = [None]
-    targets = torch.tensor(prompt[1:], device=hidden.device)
+    targets = to_device(prompt[1:], hidden.device)
     for start in range(0, hidden.shape[0], _PROMPT_CHUNK):
         logits = lm_head(hidden[start : start + _PROMPT_CHUNK]).float()
         result += _collect(logits.log_softmax(-1), targets[start : start + _PROMPT_CHUNK], top_n)

@@ -4,14 +4,17 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import SamplingParams
 from engine.cpu_linear import patch_linear
+from engine.device import to_device
 from engine.runner import ModelRunner, RaggedBatch
 from engine.sampling import DRAFT_SAMPLE, sample_from, uniform, warp_probs
 
 
 @dataclass
 class RowSampling:
-    """Device tensors describing how each row of a round samples."""
+    """Device tensors describing how each row of a round samples, and the host facts that
+    decide which warping steps run (read on the host, they cost no wait for the device)."""
 
     greedy: torch.Tensor  # [B] bool
     all_greedy: bool
@@ -19,20 +22,43 @@ class RowSampling:
     top_k: torch.Tensor  # [B] long
     top_p: torch.Tensor  # [B] float
     seeds: torch.Tensor  # [B] long
+    host_top_k: list[int]
+    host_top_p: list[float]
+
+    @classmethod
+    def build(
+        cls, params: list[SamplingParams], seeds: list[int], device: torch.device
+    ) -> RowSampling:
+        top_k = [max(p.top_k, 0) for p in params]
+        top_p = [p.top_p for p in params]
+        return cls(
+            greedy=to_device([p.greedy for p in params], device),
+            all_greedy=all(p.greedy for p in params),
+            temperature=to_device([p.temperature for p in params], device),
+            top_k=to_device(top_k, device),
+            top_p=to_device(top_p, device),
+            seeds=to_device(seeds, device),
+            host_top_k=top_k,
+            host_top_p=top_p,
+        )
 
     def warp(self, logits: torch.Tensor) -> torch.Tensor:
-        return warp_probs(logits, self.temperature, self.top_k, self.top_p)
+        vocab = logits.shape[-1]
+        use_top_k = any(0 < k < vocab for k in self.host_top_k)
+        use_top_p = any(p < 1.0 for p in self.host_top_p)
+        return warp_probs(logits, self.temperature, self.top_k, self.top_p, use_top_k, use_top_p)
 
-    def select(self, rows: torch.Tensor) -> RowSampling:
-        """The sampling of a subset of the rows (``rows``: indices on the device)."""
-        greedy = self.greedy[rows]
+    def select(self, rows: list[int], index: torch.Tensor) -> RowSampling:
+        """The sampling of a subset of the rows (``index``: ``rows`` on the device)."""
         return RowSampling(
-            greedy=greedy,
+            greedy=self.greedy[index],
             all_greedy=self.all_greedy,
-            temperature=self.temperature[rows],
-            top_k=self.top_k[rows],
-            top_p=self.top_p[rows],
-            seeds=self.seeds[rows],
+            temperature=self.temperature[index],
+            top_k=self.top_k[index],
+            top_p=self.top_p[index],
+            seeds=self.seeds[index],
+            host_top_k=[self.host_top_k[i] for i in rows],
+            host_top_p=[self.host_top_p[i] for i in rows],
         )
 
 
@@ -78,7 +104,7 @@ class DraftProposer:
             return self._fit_vocab(self.runner.forward(batch))
         hidden = self.runner.forward(batch, output="hidden")
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, torch.tensor(batch.num_new, device=hidden.device) - 1]
+        last = hidden[rows, to_device(batch.num_new, hidden.device) - 1]
         sub_logits = self.subset_head(last).float()
         logits = sub_logits.new_full((sub_logits.shape[0], self.target_vocab), float("-inf"))
         return logits.index_copy_(1, self.subset, sub_logits)
@@ -96,7 +122,7 @@ class DraftProposer:
         """Returns draft tokens [B, gamma] and, unless all rows are greedy, their warped
         distributions [B, gamma, V]."""
         device = self.runner.device
-        first_position = torch.tensor(rows.first_positions, device=device)
+        first_position = to_device(rows.first_positions, device)
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
         batch = RaggedBatch(

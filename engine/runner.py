@@ -7,6 +7,7 @@ import torch
 from transformers import PreTrainedModel
 
 from engine.cpu_linear import in_prompt_gemm, prompt_gemm
+from engine.device import to_device
 from engine.fused_decoder import FusedDecoder
 from engine.kv_cache import SlotKVCache
 
@@ -81,7 +82,7 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def _device_ints(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        return to_device(values, self.device, torch.long)
 
     def prefill(self, batch: RaggedBatch, output: str = "none") -> torch.Tensor | None:
         """A forward over prompt tokens, with ``prefill_attention`` when one is set."""

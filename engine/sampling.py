@@ -50,18 +50,27 @@ def uniform(seeds: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch
 
 
 def warp_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    use_top_k: bool | None = None,
+    use_top_p: bool | None = None,
 ) -> torch.Tensor:
     """Probabilities after temperature, top-k and top-p, per row.
 
     logits: [B, K, V]; temperature, top_p: [B] float; top_k: [B] long (0 = off).
     Rows with temperature 0 (greedy) get temperature 1 here; the verifier never samples them.
+    ``use_top_k`` / ``use_top_p``: whether any row truncates, when the caller knows it from
+    host values (else read from the tensors, a wait for the device).
     """
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     scaled = logits / temp[:, None, None]
     vocab = logits.shape[-1]
-    use_top_k = bool((top_k > 0).any()) and bool((top_k < vocab).any())
-    use_top_p = bool((top_p < 1.0).any())
+    if use_top_k is None:
+        use_top_k = bool(((top_k > 0) & (top_k < vocab)).any())
+    if use_top_p is None:
+        use_top_p = bool((top_p < 1.0).any())
     if use_top_k or use_top_p:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         drop = torch.zeros_like(sorted_logits, dtype=torch.bool)

@@ -6,6 +6,9 @@ kernels by shape, so greedy identity there is a claim these tests check rather t
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,3 +66,35 @@ def test_seeded_sampling_repeats_on_cuda() -> None:
     second = [c.token_ids for c in engine.generate(PROMPTS, params)]
     assert first == second
     assert engine.stats.drafted > 0
+
+
+def test_a_round_waits_for_the_device_once() -> None:
+    """Our code's only host sync in a round is the one transfer of its verdict: index tensors
+    go over without a wait (engine/device.py), and the sampling steps are chosen on the host.
+    Syncs inside transformers' modules are listed in the failure message, not counted."""
+    target = on_cuda(tiny_model("qwen2", seed=0), torch.bfloat16)
+    draft = on_cuda(perturbed(tiny_model("qwen2", seed=0), 0.1), torch.bfloat16)
+    engine = Engine(target, draft, EngineConfig(gamma=4, max_slots=4, max_len=128))
+    greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    for params in (greedy, sampled):
+        ids = [engine.add_request(p, params) for p in PROMPTS[:3]]
+        for _ in range(4):  # prefill, first tokens, then rounds that draft
+            engine.step()
+        ours = Path(__file__).parents[2] / "engine"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                engine.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        where = [(Path(w.filename).name, w.lineno) for w in syncs]
+        in_engine = [w for w in syncs if Path(w.filename).parent == ours]
+        assert len(in_engine) == 1, where
+        assert Path(in_engine[0].filename).name == "engine.py", where
+        for request_id in ids:
+            engine.abort(request_id)
+        while engine.has_work():
+            engine.step()

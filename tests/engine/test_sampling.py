@@ -71,6 +71,32 @@ def test_warp_applies_settings_per_row() -> None:
     assert (warped[1, 0] > 0).sum().item() == 10
 
 
+def test_row_sampling_reads_its_warping_steps_from_the_host() -> None:
+    # The engine tells warp_probs from host values which truncations any row wants (no wait for
+    # the device); the result is what reading them from the tensors gives, for the whole
+    # batch and for the subset of rows a draft pass takes.
+    from engine.config import SamplingParams
+    from engine.proposer import RowSampling
+
+    params = [
+        SamplingParams(temperature=0.7, top_p=0.8),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.2, top_k=3),
+        SamplingParams(temperature=1.0, top_k=100),  # past the vocabulary: no truncation
+    ]
+    sampling = RowSampling.build(params, [11, 12, 13, 14], torch.device("cpu"))
+    assert sampling.host_top_k == [0, 0, 3, 100] and sampling.host_top_p == [0.8, 1, 1, 1]
+    logits = torch.randn(4, 2, 16) * 2
+    expected = warp_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    torch.testing.assert_close(sampling.warp(logits), expected, atol=0, rtol=0)
+    for rows in ([1, 3], [2], [0, 2]):
+        subset = sampling.select(rows, torch.tensor(rows))
+        assert subset.host_top_k == [sampling.host_top_k[i] for i in rows]
+        assert torch.equal(subset.seeds, torch.tensor([11, 12, 13, 14])[rows])
+        plain = warp_probs(logits[rows], subset.temperature, subset.top_k, subset.top_p)
+        torch.testing.assert_close(subset.warp(logits[rows]), plain, atol=0, rtol=0)
+
+
 def test_sample_from_follows_the_distribution_and_skips_zero_mass() -> None:
     probs = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.25])
     u = uniform(torch.tensor([3]), torch.arange(40_000)[None], DRAFT_SAMPLE)[0]
