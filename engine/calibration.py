@@ -31,6 +31,12 @@ FORMAT = 1
 TOLERANCE = 1.25
 # Verify sizes the spot check times: one token (a decode) and a typical verify.
 SPOT_VERIFY = (1, 8)
+# Engine settings that change no forward the calibration times (admission, prompt chunking,
+# where drafts come from, what the draft's window holds): changing them keeps the timings.
+UNTIMED_SETTINGS = (
+    "calibration_cache", "prefix_cache", "prefill_budget", "prefill_chunk", "prompt_lookup",
+    "draft_window", "draft_head",
+)  # fmt: skip
 
 
 def device_name(device: torch.device) -> str:

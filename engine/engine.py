@@ -260,7 +260,8 @@ class Engine:
     def _calibration_facts(self) -> dict[str, Any]:
         """Everything a forward's cost depends on, naming the calibration that holds for it."""
         settings = asdict(self.config)
-        settings.pop("calibration_cache")
+        for name in calibration.UNTIMED_SETTINGS:
+            settings.pop(name)
         runners = {"target": self.target}
         if self.proposer is not None:
             runners["draft"] = self.proposer.runner
@@ -291,13 +292,11 @@ class Engine:
         in the trash slot, so adaptive gamma knows what each choice costs on this machine."""
         trash = self.config.max_slots
         capacity = self.target.capacity
-        verify = self._verify_probe
-        draft = self._draft_probe
-
         started = time.perf_counter()
         limit = min(capacity, self.config.max_slots * (self.gamma + 1))
         sync = self.target.synchronize
-        table = measure_until_linear(verify, calibration_sizes(limit), synchronize=sync)
+        sizes = calibration_sizes(limit)
+        table = measure_until_linear(self._verify_probe, sizes, synchronize=sync)
         costs = CostModel(target=table, learn=True)
         # Attention over a context: the same verify of a few tokens at an empty and at a long
         # context (the trash slot's stale K/V serve as context; only the time matters).
@@ -314,7 +313,7 @@ class Engine:
         if self.proposer is not None:
             draft_sync = self.proposer.runner.synchronize
             sizes = calibration_sizes(min(capacity, self.config.max_slots))
-            costs.draft = measure(draft, sizes, synchronize=draft_sync)
+            costs.draft = measure(self._draft_probe, sizes, synchronize=draft_sync)
             prefill = self.proposer.runner.prefill
 
             def catch_up(tokens: int) -> None:

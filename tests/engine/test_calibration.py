@@ -141,6 +141,9 @@ def test_a_second_start_reuses_the_kept_timings(pair, tmp_path: Path, monkeypatc
 def test_other_settings_or_a_changed_machine_time_afresh(pair, tmp_path: Path, monkeypatch) -> None:
     timings = FakeTimings(monkeypatch)
     build(pair, tmp_path)
+    # Settings no timed forward depends on keep the timings.
+    build(pair, tmp_path, prefill_chunk=64, prefix_cache=False, prompt_lookup=2)
+    assert timings.calibrations == 1
     build(pair, tmp_path, max_slots=3)  # another verify range: another calibration
     assert timings.calibrations == 2
     assert len(list(tmp_path.glob("*.json"))) == 2
