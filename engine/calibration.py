@@ -1,5 +1,6 @@
-"""Adaptive gamma's start-up timings, kept on disk between runs.
+"""Adaptive gamma's start-up timings: measured, and kept on disk between runs.
 
+``calibrate`` times verify forwards, draft steps and draft catch-ups in the trash slot.
 Timing verify and draft forwards was over half of a server start on a 2-core CPU (12 of 26 s)
 and gives the same table each time on the same machine, models and settings. A start finds the
 table by a digest of everything that changes a forward's cost (model shapes and dtypes, device,
@@ -16,17 +17,26 @@ import logging
 import os
 import platform
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.gamma import CostModel
+from engine import cpu_linear
+from engine.config import EngineConfig
+from engine.gamma import CostModel, calibration_sizes, measure, measure_until_linear
+from engine.runner import ModelRunner, RaggedBatch
 
 log = logging.getLogger("specserve.calibration")
 
 # Bumped whenever what the calibration measures, or how, changes: older files then miss.
 FORMAT = 1
+# Sizes of the draft catch-up timed at start-up: a few tokens behind, a short prompt, a window.
+CATCH_UP_CALIBRATION = (16, 64, 256)
+ATTENTION_CALIBRATION = 1024  # context of the verify timed against an empty one at start-up
 # A cached forward time holds while a fresh one lies within this factor of it either way.
 TOLERANCE = 1.25
 # Verify sizes the spot check times: one token (a decode) and a typical verify.
@@ -118,3 +128,120 @@ def still_holds(cached: dict[int, float], fresh: dict[int, float]) -> bool:
         if not 1.0 / TOLERANCE <= seconds / expected <= TOLERANCE:
             return False
     return True
+
+
+def _verify_probe(target: ModelRunner) -> Callable[[int], None]:
+    """A verify forward of so many tokens in the trash slot (for timing only)."""
+    trash = target.cache.trash_slot
+
+    def verify(tokens: int) -> None:
+        target.forward(RaggedBatch([[0] * tokens], [trash], [0], [tokens]), "all")
+
+    return verify
+
+
+def _draft_probe(draft: ModelRunner) -> Callable[[int], None]:
+    """A draft step of so many rows in the trash slot (for timing only)."""
+    trash = draft.cache.trash_slot
+
+    def step(rows: int) -> None:
+        draft.forward(RaggedBatch([[0]] * rows, [trash] * rows, list(range(rows)), [1] * rows))
+
+    return step
+
+
+def calibrate(
+    target: ModelRunner, draft: ModelRunner | None, max_slots: int, gamma: int
+) -> CostModel:
+    """Times verify forwards of 1..slots*(gamma+1) tokens and draft steps of 1..slots rows,
+    in the trash slot, so adaptive gamma knows what each choice costs on this machine."""
+    trash = target.cache.trash_slot
+    capacity = target.capacity
+    started = time.perf_counter()
+    limit = min(capacity, max_slots * (gamma + 1))
+    sync = target.synchronize
+    table = measure_until_linear(_verify_probe(target), calibration_sizes(limit), synchronize=sync)
+    costs = CostModel(target=table, learn=True)
+    # Attention over a context: the same verify of a few tokens at an empty and at a long
+    # context (the trash slot's stale K/V serve as context; only the time matters).
+    queries = min(4, limit)
+    context = min(ATTENTION_CALIBRATION, capacity - queries)
+    if context > 0:
+
+        def verify_at(start: int) -> None:
+            target.forward(RaggedBatch([[0] * queries], [trash], [start], [queries]), "all")
+
+        times = measure(verify_at, [0, context], synchronize=sync)
+        costs.attention = max(0.0, (times[context] - times[0]) / (queries * context))
+    if draft is not None:
+        sizes = calibration_sizes(min(capacity, max_slots))
+        costs.draft = measure(_draft_probe(draft), sizes, synchronize=draft.synchronize)
+
+        def catch_up(tokens: int) -> None:
+            draft.prefill(RaggedBatch([[0] * tokens], [trash], [0], [tokens]))
+
+        sizes = [t for t in CATCH_UP_CALIBRATION if t <= capacity] or [capacity]
+        costs.draft_catch_up = measure(catch_up, sizes, synchronize=draft.synchronize)
+    log.info("adaptive gamma calibrated in %.1f s", time.perf_counter() - started)
+    return costs
+
+
+def facts(
+    target: ModelRunner, draft: ModelRunner | None, config: EngineConfig, gamma: int
+) -> dict[str, Any]:
+    """Everything a timed forward's cost depends on, naming the calibration that holds for it."""
+    settings = asdict(config)
+    for name in UNTIMED_SETTINGS:
+        settings.pop(name)
+    runners = {"target": target} if draft is None else {"target": target, "draft": draft}
+    return {
+        "format": FORMAT,
+        "engine": settings,
+        "gamma": gamma,
+        "capacity": target.capacity,
+        "models": {
+            name: {
+                "config": runner.model.config.to_dict(),
+                "dtype": str(runner.dtype),
+                "attention": runner.model.config._attn_implementation,
+                "fused": runner.fused is not None,
+            }
+            for name, runner in runners.items()
+        },
+        "device": target.device.type,
+        "device_name": device_name(target.device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_kernels": cpu_linear.isa() if config.cpu_kernels else None,
+        "prompt_gemm_rows": cpu_linear.PROMPT_GEMM_MIN_ROWS,
+    }
+
+
+def start_up_costs(
+    target: ModelRunner, draft: ModelRunner | None, config: EngineConfig, gamma: int
+) -> CostModel:
+    """Adaptive gamma's timings: from ``config.calibration_cache`` when a spot check agrees
+    with them, else measured (and then kept there)."""
+    if config.calibration_cache is None:
+        return calibrate(target, draft, config.max_slots, gamma)
+    directory = Path(config.calibration_cache)
+    named = facts(target, draft, config, gamma)
+    key = digest(named)
+    cached = load(directory, key)
+    if cached is not None:
+        started = time.perf_counter()
+        sizes = [s for s in SPOT_VERIFY if s in cached.target] or [min(cached.target)]
+        fresh = measure(_verify_probe(target), sizes, synchronize=target.synchronize)
+        holds = still_holds(cached.target, fresh)
+        if holds and draft is not None and cached.draft:
+            step = _draft_probe(draft)
+            fresh = measure(step, [min(cached.draft)], synchronize=draft.synchronize)
+            holds = still_holds(cached.draft, fresh)
+        seconds = time.perf_counter() - started
+        if holds:
+            log.info("adaptive gamma: timings from %s (checked in %.1f s)", directory, seconds)
+            return cached
+        log.info("adaptive gamma: the kept timings no longer hold on this machine")
+    costs = calibrate(target, draft, config.max_slots, gamma)
+    save(directory, key, costs, named)
+    return costs

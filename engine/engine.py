@@ -7,9 +7,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -26,13 +25,10 @@ from engine.gamma import (
     CostModel,
     OutputLengths,
     best_lookup_length,
-    calibration_sizes,
     catch_up_pays,
     choose_gamma,
     drafting_saving,
     expected_tokens,
-    measure,
-    measure_until_linear,
 )
 from engine.logprobs import prompt_logprobs, token_logprobs
 from engine.ngram import PromptLookup
@@ -79,9 +75,6 @@ class RoundPlan:
 
 # A draft slot this many tokens behind catches up in its own forward rather than the draft step.
 CATCH_UP_ALONE = 3
-# Sizes of the draft catch-up timed at start-up: a few tokens behind, a short prompt, a window.
-CATCH_UP_CALIBRATION = (16, 64, 256)
-ATTENTION_CALIBRATION = 1024  # context of the verify timed against an empty one at start-up
 
 
 def padding_groups(rows: list[Row], length: Callable[[Row], int]) -> list[list[Row]]:
@@ -210,119 +203,13 @@ class Engine:
         self.costs: CostModel | None = None
         self.output_lengths = OutputLengths()
         if config.adaptive_gamma and self.gamma > 0:
-            self.costs = self._start_up_costs()
+            draft_runner = self.proposer.runner if self.proposer is not None else None
+            self.costs = calibration.start_up_costs(self.target, draft_runner, config, self.gamma)
         self._inbox: deque[Request] = deque()
         self._aborts: deque[str] = deque()
         self._prefilling: list[Request] = []  # admitted, prompt not yet all in the target slot
         self._lock = threading.Lock()
         log.info(self.describe())
-
-    def _verify_probe(self, tokens: int) -> None:
-        """A verify forward of ``tokens`` tokens in the trash slot (for timing only)."""
-        trash = self.config.max_slots
-        self.target.forward(RaggedBatch([[0] * tokens], [trash], [0], [tokens]), "all")
-
-    def _draft_probe(self, rows: int) -> None:
-        """A draft step of ``rows`` rows in the trash slot (for timing only)."""
-        assert self.proposer is not None
-        trash = self.config.max_slots
-        batch = RaggedBatch([[0]] * rows, [trash] * rows, list(range(rows)), [1] * rows)
-        self.proposer.runner.forward(batch)
-
-    def _start_up_costs(self) -> CostModel:
-        """Adaptive gamma's timings: from the calibration cache when a spot check agrees with
-        them, else measured (and then kept there)."""
-        if self.config.calibration_cache is None:
-            return self._calibrate()
-        directory = Path(self.config.calibration_cache)
-        facts = self._calibration_facts()
-        key = calibration.digest(facts)
-        cached = calibration.load(directory, key)
-        if cached is not None:
-            started = time.perf_counter()
-            sizes = [s for s in calibration.SPOT_VERIFY if s in cached.target]
-            fresh = measure(self._verify_probe, sizes or [min(cached.target)],
-                            synchronize=self.target.synchronize)  # fmt: skip
-            holds = calibration.still_holds(cached.target, fresh)
-            if holds and self.proposer is not None and cached.draft:
-                sync = self.proposer.runner.synchronize
-                fresh_draft = measure(self._draft_probe, [min(cached.draft)], synchronize=sync)
-                holds = calibration.still_holds(cached.draft, fresh_draft)
-            seconds = time.perf_counter() - started
-            if holds:
-                log.info("adaptive gamma: timings from %s (checked in %.1f s)", directory, seconds)
-                return cached
-            log.info("adaptive gamma: the kept timings no longer hold on this machine")
-        costs = self._calibrate()
-        calibration.save(directory, key, costs, facts)
-        return costs
-
-    def _calibration_facts(self) -> dict[str, Any]:
-        """Everything a forward's cost depends on, naming the calibration that holds for it."""
-        settings = asdict(self.config)
-        for name in calibration.UNTIMED_SETTINGS:
-            settings.pop(name)
-        runners = {"target": self.target}
-        if self.proposer is not None:
-            runners["draft"] = self.proposer.runner
-        return {
-            "format": calibration.FORMAT,
-            "engine": settings,
-            "gamma": self.gamma,
-            "capacity": self.target.capacity,
-            "models": {
-                name: {
-                    "config": runner.model.config.to_dict(),
-                    "dtype": str(runner.dtype),
-                    "attention": runner.model.config._attn_implementation,
-                    "fused": runner.fused is not None,
-                }
-                for name, runner in runners.items()
-            },
-            "device": self.target.device.type,
-            "device_name": calibration.device_name(self.target.device),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cpu_kernels": cpu_linear.isa() if self.config.cpu_kernels else None,
-            "prompt_gemm_rows": cpu_linear.PROMPT_GEMM_MIN_ROWS,
-        }
-
-    def _calibrate(self) -> CostModel:
-        """Times verify forwards of 1..slots*(gamma+1) tokens and draft steps of 1..slots rows,
-        in the trash slot, so adaptive gamma knows what each choice costs on this machine."""
-        trash = self.config.max_slots
-        capacity = self.target.capacity
-        started = time.perf_counter()
-        limit = min(capacity, self.config.max_slots * (self.gamma + 1))
-        sync = self.target.synchronize
-        sizes = calibration_sizes(limit)
-        table = measure_until_linear(self._verify_probe, sizes, synchronize=sync)
-        costs = CostModel(target=table, learn=True)
-        # Attention over a context: the same verify of a few tokens at an empty and at a long
-        # context (the trash slot's stale K/V serve as context; only the time matters).
-        queries = min(4, limit)
-        context = min(ATTENTION_CALIBRATION, capacity - queries)
-        if context > 0:
-
-            def verify_at(start: int) -> None:
-                batch = RaggedBatch([[0] * queries], [trash], [start], [queries])
-                self.target.forward(batch, "all")
-
-            times = measure(verify_at, [0, context], synchronize=sync)
-            costs.attention = max(0.0, (times[context] - times[0]) / (queries * context))
-        if self.proposer is not None:
-            draft_sync = self.proposer.runner.synchronize
-            sizes = calibration_sizes(min(capacity, self.config.max_slots))
-            costs.draft = measure(self._draft_probe, sizes, synchronize=draft_sync)
-            prefill = self.proposer.runner.prefill
-
-            def catch_up(tokens: int) -> None:
-                prefill(RaggedBatch([[0] * tokens], [trash], [0], [tokens]))
-
-            sizes = [t for t in CATCH_UP_CALIBRATION if t <= capacity] or [capacity]
-            costs.draft_catch_up = measure(catch_up, sizes, synchronize=draft_sync)
-        log.info("adaptive gamma calibrated in %.1f s", time.perf_counter() - started)
-        return costs
 
     def kv_cache_bytes(self) -> int:
         total = self.target.cache.nbytes()

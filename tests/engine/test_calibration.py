@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from engine import calibration
-from engine import engine as engine_module
 from engine.calibration import digest, from_json, load, save, still_holds, to_json
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
@@ -90,8 +89,8 @@ class FakeTimings:
         self.calibrations = 0
         self.checks = 0
         self.drift = 1.0
-        monkeypatch.setattr(engine_module, "measure_until_linear", self.full)
-        monkeypatch.setattr(engine_module, "measure", self.some)
+        monkeypatch.setattr(calibration, "measure_until_linear", self.full)
+        monkeypatch.setattr(calibration, "measure", self.some)
 
     @staticmethod
     def seconds(size: int) -> float:

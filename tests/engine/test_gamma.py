@@ -6,8 +6,9 @@ from dataclasses import replace
 import pytest
 
 from engine import gamma
+from engine.calibration import CATCH_UP_CALIBRATION, calibrate
 from engine.config import EngineConfig, SamplingParams
-from engine.engine import CATCH_UP_CALIBRATION, Engine
+from engine.engine import Engine
 from engine.gamma import (
     LENGTH_HISTORY,
     AcceptanceEstimate,
@@ -365,7 +366,7 @@ def test_calibration_waits_for_the_device_after_every_timed_forward(
     runner.forward = lambda *a, **k: events.append("draft")
     runner.prefill = lambda *a, **k: events.append("draft")
     runner.synchronize = lambda: events.append("wait draft")  # type: ignore[method-assign]
-    eng._calibrate()
+    calibrate(eng.target, eng.proposer.runner, config.max_slots, eng.gamma)
     # Every forward, timed or warm-up, is followed by a wait on its own model's device before
     # the clock is read (the two models could sit on different devices).
     pairs = list(zip(events[::2], events[1::2], strict=True))
