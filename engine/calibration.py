@@ -34,6 +34,8 @@ log = logging.getLogger("specserve.calibration")
 
 # Bumped whenever what the calibration measures, or how, changes: older files then miss.
 FORMAT = 1
+# Calibration files a directory keeps (the most recently written).
+KEEP_FILES = 32
 # Sizes of the draft catch-up timed at start-up: a few tokens behind, a short prompt, a window.
 CATCH_UP_CALIBRATION = (16, 64, 256)
 ATTENTION_CALIBRATION = 1024  # context of the verify timed against an empty one at start-up
@@ -115,6 +117,10 @@ def save(directory: Path, key: str, costs: CostModel, facts: dict[str, Any]) -> 
         with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as handle:
             json.dump(data, handle, indent=1, default=str)
         os.replace(handle.name, directory / f"{key}.json")
+        # Every other model, setting or machine leaves a file: the oldest go past a few dozen.
+        kept = sorted(directory.glob("*.json"), key=lambda path: path.stat().st_mtime)
+        for stale in kept[:-KEEP_FILES]:
+            stale.unlink(missing_ok=True)
     except OSError as exc:
         log.warning("could not keep the calibration in %s: %s", directory, exc)
 

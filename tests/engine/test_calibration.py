@@ -58,6 +58,17 @@ def test_save_then_load_and_what_cannot_be_read(tmp_path: Path) -> None:
     assert load(directory, "abc") is None
 
 
+def test_the_directory_keeps_the_latest_files_only(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    monkeypatch.setattr(calibration, "KEEP_FILES", 3)
+    for index in range(5):
+        save(tmp_path, f"key{index}", COSTS, {})
+        os.utime(tmp_path / f"key{index}.json", (1000 + index, 1000 + index))
+    save(tmp_path, "key1", COSTS, {})  # rewritten: now the newest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key1.json", "key3.json", "key4.json"]
+
+
 def test_a_cache_that_cannot_be_written_costs_nothing_but_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
