@@ -7,7 +7,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -19,19 +19,10 @@ from engine.config import EngineConfig, SamplingParams
 from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
 from engine.device import to_device
-from engine.gamma import (
-    PROBE_ALPHA,
-    PROBE_EVERY,
-    CostModel,
-    OutputLengths,
-    best_lookup_length,
-    catch_up_pays,
-    choose_gamma,
-    drafting_saving,
-    expected_tokens,
-)
+from engine.gamma import CostModel, OutputLengths
 from engine.logprobs import prompt_logprobs, token_logprobs
 from engine.ngram import PromptLookup
+from engine.planner import CATCH_UP_ALONE, RoundPlanner, draft_gap, draft_missing
 from engine.proposer import DraftProposer, DraftRows, RowSampling
 from engine.request import Request, RequestOutput, RequestStats, TokenLogprob
 from engine.runner import ModelRunner, RaggedBatch, max_context
@@ -61,20 +52,6 @@ class Completion:
     stats: RequestStats
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
-
-
-@dataclass
-class RoundPlan:
-    """Where each row's drafts come from this round."""
-
-    row_gamma: list[int]  # drafts per row (0: the row just decodes one token)
-    draft_rows: list[int] = field(default_factory=list)  # rows the draft model extends
-    draft_gamma: int = 0  # draft model steps this round
-    lookups: dict[int, list[int]] = field(default_factory=dict)  # row -> prompt-lookup drafts
-
-
-# A draft slot this many tokens behind catches up in its own forward rather than the draft step.
-CATCH_UP_ALONE = 3
 
 
 def padding_groups(rows: list[Row], length: Callable[[Row], int]) -> list[list[Row]]:
@@ -202,6 +179,9 @@ class Engine:
         self.on_round: Callable[[RoundRecord], None] | None = None
         self.costs: CostModel | None = None
         self.output_lengths = OutputLengths()
+        self.planner = RoundPlanner(
+            config, self.proposer is not None, self.stats, self.output_lengths
+        )
         if config.adaptive_gamma and self.gamma > 0:
             draft_runner = self.proposer.runner if self.proposer is not None else None
             self.costs = calibration.start_up_costs(self.target, draft_runner, config, self.gamma)
@@ -394,137 +374,6 @@ class Engine:
             [r.params for r in batch], [r.seed for r in batch], self.target.device
         )
 
-    def _plan(self, batch: list[Request]) -> RoundPlan:
-        """Decides, per row, where this round's drafts come from and how many."""
-        # A row never drafts past its budget: the round adds at most gamma + 1 tokens.
-        caps = [max(0, min(r.gamma, r.max_new_tokens - len(r.output_token_ids) - 1)) for r in batch]
-        plan = RoundPlan(row_gamma=[0] * len(batch))
-        if max(caps, default=0) == 0:
-            return plan
-        model_prior = self.stats.model_acceptance(0.7)
-        ngram_prior = self.stats.ngram_acceptance(0.5)
-        candidates: list[int] = []
-        # The round so far, for prompt lookup's choices at the margin: every row verifies at
-        # least its last token and emits one.
-        round_tokens, round_emitted = len(batch), float(len(batch))
-        # Each verify token attends over its row's context: the costs are judged at the mean.
-        context = sum(r.num_tokens for r in batch) / len(batch)
-        # Judged at the batch size the queued and prefilling requests are about to make.
-        coming = len(self._prefilling) + len(self.scheduler.waiting)
-        soon = min(self.config.max_slots, len(batch) + coming)
-        savings: dict[tuple[float, int], float] = {}  # drafting_saving per (alpha, cap)
-        for index, request in enumerate(batch):
-            if caps[index] == 0:
-                continue
-            use_model = (
-                self.proposer is not None
-                and request.params.proposer != "ngram"
-                # Not in a row's first round: the draft's catch-up of the prompt and its steps
-                # would hold back the token a streaming client awaits (copied drafts may go).
-                and bool(request.output_token_ids)
-                and self._draft_ready(request, caps[index], model_prior, soon, context, savings)
-            )
-            proposal = request.lookup.propose(caps[index]) if request.lookup is not None else []
-            if proposal:
-                alpha = request.ngram_acceptance.alpha(ngram_prior)
-                rows = len(batch)
-                length, rate = best_lookup_length(
-                    alpha, len(proposal), self.costs, round_tokens, round_emitted, context
-                )
-                if length > 0 and (
-                    not use_model
-                    or self._lookup_beats_model(request, rate, alpha, model_prior, rows, context)
-                ):
-                    plan.lookups[index] = proposal[:length]
-                    plan.row_gamma[index] = length
-                    round_tokens += length
-                    round_emitted += expected_tokens(alpha, length) - 1.0
-                    continue
-            if use_model:
-                candidates.append(index)
-        if candidates:
-            gamma = max(caps[i] for i in candidates)
-            if self.costs is not None:
-                alphas = [batch[i].acceptance.alpha(model_prior) for i in candidates]
-                row_caps = [caps[i] for i in candidates]
-                max_gamma = gamma
-                chosen = set(candidates)
-                others = [i for i in range(len(batch)) if i not in chosen]
-                rest = (len(others), sum(plan.row_gamma[i] + 1 for i in others))
-                gamma = choose_gamma(
-                    alphas, row_caps, max_gamma, self.costs, *rest, context=context
-                )
-                # A probe keeps a pessimistic estimate honest, but only where drafting could
-                # pay at all: at a large batch even a good draft may not beat plain decoding.
-                probe = gamma == 0 and choose_gamma(
-                    [PROBE_ALPHA] * len(candidates),
-                    row_caps,
-                    max_gamma,
-                    self.costs,
-                    *rest,
-                    context=context,
-                )
-                for i in candidates:
-                    request = batch[i]
-                    request.rounds_without_draft = 0 if gamma else request.rounds_without_draft + 1
-                    if probe and request.rounds_without_draft >= PROBE_EVERY:
-                        gamma = 1
-                        request.rounds_without_draft = 0
-            if gamma > 0:
-                plan.draft_rows = candidates
-                for i in candidates:
-                    plan.row_gamma[i] = min(caps[i], gamma)
-                plan.draft_gamma = max(plan.row_gamma[i] for i in candidates)
-        return plan
-
-    def _draft_ready(
-        self,
-        request: Request,
-        cap: int,
-        model_prior: float,
-        rows: int,
-        context: float,
-        savings: dict[tuple[float, int], float],
-    ) -> bool:
-        """Whether the draft model may propose for this row. A row that never drafted owes
-        its draft slot the prompt, and pays that catch-up only when the tokens it can be
-        expected to have left (judged by how long recent requests ran) can repay it: under
-        load, or for short answers, often they cannot (prompt lookup may still serve it)."""
-        if request.draft_len > 0 or self.costs is None:
-            return True
-        missing = self._draft_missing(request, self._draft_gap(request))
-        if missing < CATCH_UP_ALONE:
-            return True
-        remaining = self.output_lengths.expected_remaining(
-            len(request.output_token_ids), request.max_new_tokens
-        )
-        alpha = request.acceptance.alpha(model_prior)
-        # New rows mostly share the prior's alpha and the cap: one pricing serves them all.
-        if (alpha, cap) not in savings:
-            savings[alpha, cap] = drafting_saving(alpha, cap, rows, self.costs, context)
-        saving = savings[alpha, cap]
-        return catch_up_pays(alpha, cap, remaining, missing, rows, self.costs, context, saving)
-
-    def _lookup_beats_model(
-        self,
-        request: Request,
-        lookup_rate: float,
-        lookup_alpha: float,
-        model_prior: float,
-        rows: int,
-        context: float,
-    ) -> bool:
-        """Whether copied drafts promise this row more tokens per second than the draft model
-        would, each judged as if the whole batch of ``rows`` made the same choice."""
-        model_alpha = request.acceptance.alpha(model_prior)
-        if self.costs is None:
-            return lookup_alpha >= model_alpha
-        gamma = choose_gamma(
-            [model_alpha] * rows, [request.gamma] * rows, request.gamma, self.costs, context=context
-        )
-        share = self.costs.round_seconds(rows, gamma, context=context) / rows
-        return lookup_rate >= expected_tokens(model_alpha, gamma) / share
-
     def _catch_up_draft(self, rows: list[Request]) -> None:
         """Feeds the draft, in prompt-style forwards, what its slots miss beyond the last
         token (which the first draft step feeds): a new row's prompt window, or the tokens of
@@ -533,35 +382,19 @@ class Engine:
         assert self.proposer is not None
         behind = []
         for request in rows:
-            request.draft_gap = self._draft_gap(request)
-            if self._draft_missing(request) >= CATCH_UP_ALONE:
+            request.draft_gap = draft_gap(request, self.config.draft_window)
+            if draft_missing(request) >= CATCH_UP_ALONE:
                 behind.append(request)
-        for group in padding_groups(behind, self._draft_missing):
+        for group in padding_groups(behind, draft_missing):
             batch = RaggedBatch(
                 [self._draft_unseen(r)[:-1] for r in group],
                 [r.slot for r in group],
                 [r.draft_len for r in group],
-                [self._draft_missing(r) for r in group],
+                [draft_missing(r) for r in group],
             )
             self.proposer.runner.prefill(batch)
             for request in group:
                 request.draft_len = request.num_tokens - 1 - request.draft_gap
-
-    def _draft_gap(self, request: Request) -> int:
-        """How many tokens after its head the row's draft slot skips: fixed once the slot
-        holds anything; for an empty slot, the window ends at the row's present (its first
-        catch-up), not at its prompt."""
-        window = self.config.draft_window
-        if request.draft_len == 0 and window > 0:
-            return max(0, request.num_tokens - 1 - window)
-        return request.draft_gap
-
-    @staticmethod
-    def _draft_missing(request: Request, gap: int | None = None) -> int:
-        """Tokens before the last one that the row's draft slot (skipping ``gap`` tokens,
-        by default as it does now) has not seen."""
-        skipped = request.draft_gap if gap is None else gap
-        return request.num_tokens - 1 - skipped - request.draft_len
 
     def _draft_unseen(self, request: Request) -> list[int]:
         """The tokens the row's draft slot has not seen, ending with the last one: for an empty
@@ -574,7 +407,8 @@ class Engine:
 
     def _round(self, batch: list[Request]) -> list[RequestOutput]:
         device = self.target.device
-        plan = self._plan(batch)
+        coming = len(self._prefilling) + len(self.scheduler.waiting)
+        plan = self.planner.plan(batch, self.costs, coming)
         row_gamma = plan.row_gamma
         gamma = max(row_gamma)
         num_tokens = [r.num_tokens for r in batch]
