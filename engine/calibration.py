@@ -27,7 +27,14 @@ import torch
 
 from engine import cpu_linear
 from engine.config import EngineConfig
-from engine.gamma import CostModel, calibration_sizes, measure, measure_until_linear
+from engine.gamma import (
+    LINEAR_FROM,
+    LINEAR_TOLERANCE,
+    CostModel,
+    calibration_sizes,
+    measure,
+    measure_until_linear,
+)
 from engine.runner import ModelRunner, RaggedBatch
 
 log = logging.getLogger("specserve.calibration")
@@ -200,8 +207,17 @@ def facts(
     for name in UNTIMED_SETTINGS:
         settings.pop(name)
     runners = {"target": target} if draft is None else {"target": target, "draft": draft}
+    limit = min(target.capacity, config.max_slots * (gamma + 1))
     return {
         "format": FORMAT,
+        # What calibrate times, so a change to it misses without a FORMAT bump.
+        "sizes": [
+            calibration_sizes(limit),
+            CATCH_UP_CALIBRATION,
+            ATTENTION_CALIBRATION,
+            LINEAR_FROM,
+            LINEAR_TOLERANCE,
+        ],  # fmt: skip
         "engine": settings,
         "gamma": gamma,
         "capacity": target.capacity,
