@@ -17,7 +17,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 "$python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers",
 transformers.__version__, "cuda", torch.cuda.is_available())' 2>&1 | tee -a "$out/machine.txt"
 
-timeout 180 "$python" -m pytest -q -p no:cacheprovider -rs tests/engine/test_cuda.py 2>&1 |
+timeout 180 "$python" -m pytest -q -p no:cacheprovider -rs tests/engine/test_cuda.py \
+    tests/engine/test_device.py 2>&1 |
     tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
 
