@@ -107,6 +107,9 @@ class LevelStats:
     errors: list[str] = field(default_factory=list)
     # Per prompt (Prompt.key): what speedups between systems are computed over.
     prompts: dict[str, TaskStats] = field(default_factory=dict)
+    # Each request in the order it was sent (REQUEST_FIELDS): what the percentiles summarise,
+    # kept so that a median can be traced to the requests behind it.
+    records: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(vars(self))
@@ -124,6 +127,7 @@ class LevelStats:
         # Reports written before per-prompt figures have none.
         prompts = fields.pop("prompts", None) or {}
         fields["prompts"] = {k: TaskStats.from_dict(p) for k, p in prompts.items()}
+        fields["records"] = fields.pop("records", None) or []  # none before they were kept
         return cls(**fields)
 
 
@@ -165,4 +169,18 @@ def summarise(
         tasks=task_breakdown(records),
         errors=[str(e) for e in errors],
         prompts=prompt_breakdown(records),
+        records=[request_fields(r) for r in sorted(records, key=lambda r: r.start)],
     )
+
+
+def request_fields(record: RequestRecord) -> dict[str, Any]:
+    """One request as the report keeps it: times in seconds from its own start."""
+    return {
+        "prompt": record.prompt,
+        "task": record.task,
+        "ok": record.ok,
+        "ttft": record.ttft,
+        "e2e": record.e2e,
+        "output_tokens": record.output_tokens,
+        "error": record.error,
+    }

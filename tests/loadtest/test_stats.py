@@ -60,3 +60,21 @@ def test_basis_reports_chunk_counting_and_mixtures() -> None:
 def test_level_stats_round_trip_through_dicts() -> None:
     stats = summarise([record("qa", 5, 0.0, 1.0)], 1.0, "c=1", concurrency=1)
     assert LevelStats.from_dict(stats.to_dict()) == stats
+
+
+def test_each_request_is_kept_in_sending_order() -> None:
+    late = record("rag", 20, 1.0, 2.5)
+    late.prompt = "rag:abc"
+    early = record("qa", 10, 0.0, 1.0)
+    failed = record("qa", 0, 0.5, 0.7, ok=False)
+    stats = summarise([late, early, failed], wall_s=2.5, label="c=2", concurrency=2)
+    assert [r["task"] for r in stats.records] == ["qa", "qa", "rag"]
+    assert stats.records[2] == {
+        "prompt": "rag:abc", "task": "rag", "ok": True, "ttft": 0.1, "e2e": 1.5,
+        "output_tokens": 20, "error": None,
+    }  # fmt: skip
+    assert stats.records[1]["ok"] is False and stats.records[1]["error"] == "boom"
+    # A report written before requests were kept still loads.
+    old = stats.to_dict()
+    del old["records"]
+    assert LevelStats.from_dict(old).records == []
