@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -327,14 +328,15 @@ def test_patched_model_verify_forward_matches_decode_steps(attention: str) -> No
         torch.randint(0, 320, (1, 20), generator=g),
         torch.randint(0, 320, (1, 5), generator=g),
     )
+    # The cache argument's name depends on the transformers version (as in ModelRunner).
+    named = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
-        cache = DynamicCache(config=model.config)
-        model(prompt, past_key_values=cache, use_cache=True)
-        block = model(new, past_key_values=cache, use_cache=True).logits
-        cache.crop(-new.shape[1])
+        cache = {named: DynamicCache(config=model.config)}
+        model(prompt, **cache, use_cache=True)
+        block = model(new, **cache, use_cache=True).logits
+        cache[named].crop(-new.shape[1])
         steps = [
-            model(new[:, i : i + 1], past_key_values=cache, use_cache=True).logits
-            for i in range(new.shape[1])
+            model(new[:, i : i + 1], **cache, use_cache=True).logits for i in range(new.shape[1])
         ]
     assert torch.equal(block, torch.cat(steps, dim=1))
 
