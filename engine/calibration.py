@@ -35,12 +35,13 @@ from engine.gamma import (
     measure,
     measure_until_linear,
 )
+from engine.proposer import DraftProposer
 from engine.runner import ModelRunner, RaggedBatch
 
 log = logging.getLogger("specserve.calibration")
 
 # Bumped whenever what the calibration measures, or how, changes: older files then miss.
-FORMAT = 1
+FORMAT = 2
 # Calibration files a directory keeps (the most recently written).
 KEEP_FILES = 32
 # Sizes of the draft catch-up timed at start-up: a few tokens behind, a short prompt, a window.
@@ -153,18 +154,20 @@ def _verify_probe(target: ModelRunner) -> Callable[[int], None]:
     return verify
 
 
-def _draft_probe(draft: ModelRunner) -> Callable[[int], None]:
-    """A draft step of so many rows in the trash slot (for timing only)."""
-    trash = draft.cache.trash_slot
+def _draft_probe(proposer: DraftProposer) -> Callable[[int], None]:
+    """A draft step of so many rows in the trash slot, through the proposer's own head (a
+    restricted one with --draft-vocab), for timing only."""
+    trash = proposer.runner.cache.trash_slot
 
     def step(rows: int) -> None:
-        draft.forward(RaggedBatch([[0]] * rows, [trash] * rows, list(range(rows)), [1] * rows))
+        batch = RaggedBatch([[0]] * rows, [trash] * rows, list(range(rows)), [1] * rows)
+        proposer.logits(batch)
 
     return step
 
 
 def calibrate(
-    target: ModelRunner, draft: ModelRunner | None, max_slots: int, gamma: int
+    target: ModelRunner, proposer: DraftProposer | None, max_slots: int, gamma: int
 ) -> CostModel:
     """Times verify forwards of 1..slots*(gamma+1) tokens and draft steps of 1..slots rows,
     in the trash slot, so adaptive gamma knows what each choice costs on this machine."""
@@ -186,9 +189,10 @@ def calibrate(
 
         times = measure(verify_at, [0, context], synchronize=sync)
         costs.attention = max(0.0, (times[context] - times[0]) / (queries * context))
-    if draft is not None:
+    if proposer is not None:
+        draft = proposer.runner
         sizes = calibration_sizes(min(capacity, max_slots))
-        costs.draft = measure(_draft_probe(draft), sizes, synchronize=draft.synchronize)
+        costs.draft = measure(_draft_probe(proposer), sizes, synchronize=draft.synchronize)
 
         def catch_up(tokens: int) -> None:
             draft.prefill(RaggedBatch([[0] * tokens], [trash], [0], [tokens]))
@@ -200,13 +204,15 @@ def calibrate(
 
 
 def facts(
-    target: ModelRunner, draft: ModelRunner | None, config: EngineConfig, gamma: int
+    target: ModelRunner, proposer: DraftProposer | None, config: EngineConfig, gamma: int
 ) -> dict[str, Any]:
     """Everything a timed forward's cost depends on, naming the calibration that holds for it."""
     settings = asdict(config)
     for name in UNTIMED_SETTINGS:
         settings.pop(name)
-    runners = {"target": target} if draft is None else {"target": target, "draft": draft}
+    runners = {"target": target}
+    if proposer is not None:
+        runners["draft"] = proposer.runner
     limit = min(target.capacity, config.max_slots * (gamma + 1))
     return {
         "format": FORMAT,
@@ -240,14 +246,14 @@ def facts(
 
 
 def start_up_costs(
-    target: ModelRunner, draft: ModelRunner | None, config: EngineConfig, gamma: int
+    target: ModelRunner, proposer: DraftProposer | None, config: EngineConfig, gamma: int
 ) -> CostModel:
     """Adaptive gamma's timings: from ``config.calibration_cache`` when a spot check agrees
     with them, else measured (and then kept there)."""
     if config.calibration_cache is None:
-        return calibrate(target, draft, config.max_slots, gamma)
+        return calibrate(target, proposer, config.max_slots, gamma)
     directory = Path(config.calibration_cache)
-    named = facts(target, draft, config, gamma)
+    named = facts(target, proposer, config, gamma)
     key = digest(named)
     cached = load(directory, key)
     if cached is not None:
@@ -255,15 +261,15 @@ def start_up_costs(
         sizes = [s for s in SPOT_VERIFY if s in cached.target] or [min(cached.target)]
         fresh = measure(_verify_probe(target), sizes, synchronize=target.synchronize)
         holds = still_holds(cached.target, fresh)
-        if holds and draft is not None and cached.draft:
-            step = _draft_probe(draft)
-            fresh = measure(step, [min(cached.draft)], synchronize=draft.synchronize)
+        if holds and proposer is not None and cached.draft:
+            sync = proposer.runner.synchronize
+            fresh = measure(_draft_probe(proposer), [min(cached.draft)], synchronize=sync)
             holds = still_holds(cached.draft, fresh)
         seconds = time.perf_counter() - started
         if holds:
             log.info("adaptive gamma: timings from %s (checked in %.1f s)", directory, seconds)
             return cached
         log.info("adaptive gamma: the kept timings no longer hold on this machine")
-    costs = calibrate(target, draft, config.max_slots, gamma)
+    costs = calibrate(target, proposer, config.max_slots, gamma)
     save(directory, key, costs, named)
     return costs

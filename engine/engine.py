@@ -183,8 +183,7 @@ class Engine:
             config, self.proposer is not None, self.stats, self.output_lengths
         )
         if config.adaptive_gamma and self.gamma > 0:
-            draft_runner = self.proposer.runner if self.proposer is not None else None
-            self.costs = calibration.start_up_costs(self.target, draft_runner, config, self.gamma)
+            self.costs = calibration.start_up_costs(self.target, self.proposer, config, self.gamma)
         self._inbox: deque[Request] = deque()
         self._aborts: deque[str] = deque()
         self._prefilling: list[Request] = []  # admitted, prompt not yet all in the target slot

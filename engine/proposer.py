@@ -98,7 +98,7 @@ class DraftProposer:
             self.subset_head.weight = torch.nn.Parameter(weight, requires_grad=False)
             self.subset_head = patch_linear(self.subset_head)
 
-    def _logits(self, batch: RaggedBatch) -> torch.Tensor:
+    def logits(self, batch: RaggedBatch) -> torch.Tensor:
         """Draft logits [B, target vocab] at each row's last token."""
         if self.subset is None:
             return self._fit_vocab(self.runner.forward(batch))
@@ -129,7 +129,7 @@ class DraftProposer:
             rows.catch_up, rows.slots, rows.draft_lens, [len(t) for t in rows.catch_up]
         )
         for step in range(gamma):
-            logits = self._logits(batch)  # [B, V]
+            logits = self.logits(batch)  # [B, V]
             token = logits.argmax(-1)
             if not sampling.all_greedy:
                 step_probs = sampling.warp(logits[:, None])[:, 0]

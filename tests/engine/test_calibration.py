@@ -172,3 +172,18 @@ def test_without_a_directory_every_start_calibrates(pair, tmp_path: Path, monkey
     build(pair, None)
     assert timings.calibrations == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_draft_steps_are_timed_through_the_proposers_own_head(pair) -> None:
+    # With --draft-vocab the proposer steps through a restricted head; timing the model's full
+    # head instead priced every draft step too dear.
+    from engine.calibration import calibrate
+
+    config = EngineConfig(gamma=2, max_slots=2, max_len=64, draft_vocab=64)
+    engine = Engine(pair[0], pair[1], config)
+    assert engine.proposer is not None and engine.proposer.subset is not None
+    heads: list[int] = []
+    subset_head = engine.proposer.subset_head
+    engine.proposer.subset_head = lambda x: heads.append(x.shape[0]) or subset_head(x)
+    costs = calibrate(engine.target, engine.proposer, config.max_slots, engine.gamma)
+    assert sorted(set(heads)) == sorted(costs.draft)  # each timed size went through it

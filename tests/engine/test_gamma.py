@@ -363,10 +363,11 @@ def test_calibration_waits_for_the_device_after_every_timed_forward(
     eng.target.forward = lambda *a, **k: (events.append("target"), real_forward(*a, **k))[1]
     eng.target.synchronize = lambda: events.append("wait target")  # type: ignore[method-assign]
     runner = eng.proposer.runner
-    runner.forward = lambda *a, **k: events.append("draft")
+    # The proposer's step reads the draft's logits: any will do for timing.
+    runner.forward = lambda *a, **k: (events.append("draft"), torch.zeros(1, 8))[1]
     runner.prefill = lambda *a, **k: events.append("draft")
     runner.synchronize = lambda: events.append("wait draft")  # type: ignore[method-assign]
-    calibrate(eng.target, eng.proposer.runner, config.max_slots, eng.gamma)
+    calibrate(eng.target, eng.proposer, config.max_slots, eng.gamma)
     # Every forward, timed or warm-up, is followed by a wait on its own model's device before
     # the clock is read (the two models could sit on different devices).
     pairs = list(zip(events[::2], events[1::2], strict=True))
