@@ -144,6 +144,11 @@ def still_holds(cached: dict[int, float], fresh: dict[int, float]) -> bool:
     return True
 
 
+def _verify_limit(target: ModelRunner, max_slots: int, gamma: int) -> int:
+    """The largest verify a round can run: every slot's gamma drafts and its last token."""
+    return min(target.capacity, max_slots * (gamma + 1))
+
+
 def _verify_probe(target: ModelRunner) -> Callable[[int], None]:
     """A verify forward of so many tokens in the trash slot (for timing only)."""
     trash = target.cache.trash_slot
@@ -174,7 +179,7 @@ def calibrate(
     trash = target.cache.trash_slot
     capacity = target.capacity
     started = time.perf_counter()
-    limit = min(capacity, max_slots * (gamma + 1))
+    limit = _verify_limit(target, max_slots, gamma)
     sync = target.synchronize
     table = measure_until_linear(_verify_probe(target), calibration_sizes(limit), synchronize=sync)
     costs = CostModel(target=table, learn=True)
@@ -213,7 +218,7 @@ def facts(
     runners = {"target": target}
     if proposer is not None:
         runners["draft"] = proposer.runner
-    limit = min(target.capacity, config.max_slots * (gamma + 1))
+    limit = _verify_limit(target, config.max_slots, gamma)
     return {
         "format": FORMAT,
         # What calibrate times, so a change to it misses without a FORMAT bump.

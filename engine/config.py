@@ -1,12 +1,21 @@
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PROPOSERS = ("auto", "draft", "ngram")
 DRAFT_WEIGHTS = ("bf16", "int8", "int4")  # the weights a draft may decode on (cpu_linear)
 # The command line's draft context (serve, generate, bench): see draft_window and draft_head.
 CLI_DRAFT_WINDOW = 256
 CLI_DRAFT_HEAD = 128  # of the window: 128 + the latest 128
+
+
+def cache_dir() -> Path:
+    """Where converted models, built kernels and kept calibrations live ($SPECSERVE_CACHE).
+    Here, with the settings, so the command line can name it without importing torch."""
+    configured = os.environ.get("SPECSERVE_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "specserve"
 
 
 def default_draft_head(window: int) -> int:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import DRAFT_WEIGHTS
+from engine.config import DRAFT_WEIGHTS, cache_dir
 
 log = logging.getLogger("specserve.cpu_linear")
 
@@ -89,8 +89,6 @@ def _cpu_supported() -> bool:
 
 
 def _kernel_dir() -> Path:
-    from engine.loader import cache_dir  # the loader imports the runner, which imports us
-
     return cache_dir() / "kernels"
 
 

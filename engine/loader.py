@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from engine.config import cache_dir
 from engine.runner import SUPPORTED_MODEL_TYPES
 
 DEFAULT_PAIR = "qwen2.5-coder"
@@ -136,11 +137,6 @@ def resolve_pair(target: str | None, draft: str | None) -> tuple[str, str | None
     if draft.lower() == "none":
         return target, None
     return target, draft
-
-
-def cache_dir() -> Path:
-    configured = os.environ.get("SPECSERVE_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "specserve"
 
 
 def _log(message: str) -> None:

@@ -16,6 +16,7 @@ from engine.config import (
     DRAFT_WEIGHTS,
     EngineConfig,
     SamplingParams,
+    cache_dir,
     default_draft_head,
 )
 
@@ -160,8 +161,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig ``args`` ask for (ValueError when they are inconsistent), checked
     before any model loads so a bad flag costs no load."""
-    from engine.loader import cache_dir
-
     head = args.draft_head
     calibration = str(cache_dir() / "calibration") if args.calibration_cache else None
     return EngineConfig(
