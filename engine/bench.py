@@ -32,7 +32,7 @@ from engine.config import (
     SamplingParams,
     default_draft_head,
 )
-from engine.engine import Engine
+from engine.engine import Engine, draft_vocab_subset
 from engine.loader import LoadedModel, load_pair
 from engine.runner import RaggedBatch
 
@@ -181,14 +181,16 @@ def draft_agreement(
     prompts: list[tuple[str, list[int]]],
     windows: list[tuple[int, int]],
     max_tokens: int,
+    vocabs: tuple[int, ...] = (0,),
 ) -> str:
-    """How often the draft's argmax equals the target's greedy token, per task and draft
-    context, given as (head, window) (window 0 = whole context): each prompt's target
-    continuation is generated once, then the draft, given the context's first ``head`` and
-    last ``window`` tokens, predicts it one token at a time as its decode steps would (teacher
-    forcing: no rejection cuts a run short)."""
+    """How often the draft's argmax equals the target's greedy token, per task, draft context,
+    given as (head, window) (window 0 = whole context), and draft vocabulary (0 = the head the
+    engine runs; N = its first N ids plus the special ones, as ``--draft-vocab N``): each
+    prompt's target continuation is generated once, then the draft, given the context's first
+    ``head`` and last ``window`` tokens, predicts it one token at a time as its decode steps
+    would (teacher forcing: no rejection cuts a run short)."""
     assert engine.proposer is not None
-    draft = engine.proposer.runner
+    proposer = engine.proposer
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     continuations = [engine.generate([ids], params)[0].token_ids for _, ids in prompts]
     tasks = sorted({task for task, _ in prompts})
@@ -196,22 +198,35 @@ def draft_agreement(
         "| draft window | " + " | ".join(tasks) + " | overall |",
         "|---" * (len(tasks) + 2) + "|",
     ]
+    kept: dict[int, torch.Tensor | None] = {
+        size: draft_vocab_subset(size, engine.vocab_size, engine.special_ids) for size in vocabs
+    }
     for head, window in windows:
-        hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        hits: dict[int, dict[str, list[int]]] = {
+            size: defaultdict(lambda: [0, 0]) for size in vocabs
+        }
         for (task, ids), continuation in zip(prompts, continuations, strict=True):
             context = draft_context(ids[:-1], head, window)
-            draft.prefill(RaggedBatch([context], [0], [0], [len(context)]))
+            proposer.runner.prefill(RaggedBatch([context], [0], [0], [len(context)]))
             fed = [ids[-1], *continuation[:-1]]
             for position, (token, target_token) in enumerate(zip(fed, continuation, strict=True)):
                 batch = RaggedBatch([[token]], [0], [len(context) + position], [1])
-                logits = draft.forward(batch, "last")
-                hits[task][0] += int(logits[0].argmax().item() == target_token)
-                hits[task][1] += 1
-        total = [sum(h[0] for h in hits.values()), sum(h[1] for h in hits.values())]
-        cells = [f"{hits[t][0] / hits[t][1]:.0%}" if hits[t][1] else "-" for t in tasks]
-        cells.append(f"{total[0] / total[1]:.0%}" if total[1] else "-")
-        label = "all" if window == 0 else f"{head}+{window}" if head else str(window)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+                logits = proposer.logits(batch)[0]
+                for size, subset in kept.items():
+                    restricted = logits if subset is None else logits[subset]
+                    best = restricted.argmax().item()
+                    guess = best if subset is None else subset[best].item()
+                    hits[size][task][0] += int(guess == target_token)
+                    hits[size][task][1] += 1
+        for size in vocabs:
+            counts = hits[size]
+            total = [sum(h[0] for h in counts.values()), sum(h[1] for h in counts.values())]
+            cells = [f"{counts[t][0] / counts[t][1]:.1%}" if counts[t][1] else "-" for t in tasks]
+            cells.append(f"{total[0] / total[1]:.1%}" if total[1] else "-")
+            label = "all" if window == 0 else f"{head}+{window}" if head else str(window)
+            if size:
+                label += f", first {size} ids"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -252,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only measure draft/target greedy agreement for these comma-separated draft "
         "contexts (256: the last 256 tokens; 128+128: the first 128 and the last 128, as "
         "--draft-window 256 --draft-head 128; 0: the whole context) and exit",
+    )
+    parser.add_argument(
+        "--agreement-vocab",
+        default="0",
+        help="with --agreement, also for the draft's head restricted to the first N token ids "
+        "(comma-separated sizes, as --draft-vocab N; 0: the head the engine runs)",
     )
     parser.add_argument("--target", default=None)
     parser.add_argument("--draft", default=None)
@@ -306,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         probe = replace(spec_config, adaptive_gamma=False)  # no use for start-up timings
         engine = Engine(target.model, draft.model, probe, target.tokenizer)
         tokenized = [(task, chat_ids(target, p)) for task, p in prompts]
-        print(draft_agreement(engine, tokenized, windows, args.max_tokens))
+        vocabs = tuple(int(size) for size in args.agreement_vocab.split(","))
+        print(draft_agreement(engine, tokenized, windows, args.max_tokens, vocabs))
         return 0
     if args.forwards:
         timing = replace(spec_config, adaptive_gamma=False, max_slots=8, max_len=max(max_len, 256))

@@ -858,6 +858,7 @@ def _patched(module: nn.Linear, weights: str) -> FastLinear:
     return FastLinear(module)
 
 
-def patch_linear(module: nn.Linear) -> nn.Linear:
-    """``module`` computed by the kernel when it qualifies, else ``module`` itself."""
-    return FastLinear(module) if available() and _eligible(module) else module
+def patch_linear(module: nn.Linear, weights: str = "bf16") -> nn.Linear:
+    """``module`` computed by the kernel (from ``weights``, as in ``patch_model``) when it
+    qualifies, else ``module`` itself."""
+    return _patched(module, weights) if available() and _eligible(module) else module

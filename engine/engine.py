@@ -163,16 +163,19 @@ class Engine:
             self.target.prefill_attention = "sdpa"
         self.vocab_size = self.target.vocab_size
         self.processor = OutputProcessor(tokenizer, _eos_ids(target, tokenizer))
+        # Ids a restricted draft head keeps whatever its size (EOS must stay proposable).
+        self.special_ids = set(self.processor.eos_token_ids)
+        if tokenizer is not None:
+            self.special_ids |= set(tokenizer.all_special_ids)
+            self.special_ids |= set(tokenizer.added_tokens_decoder)
         self.proposer: DraftProposer | None = None
         if draft is not None and self.gamma > 0:
             runner = ModelRunner(draft, config.max_slots, capacity, fused=fused)
-            special = set(self.processor.eos_token_ids)
-            if tokenizer is not None:
-                special |= set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
             self.proposer = DraftProposer(
                 runner,
                 self.vocab_size,
-                draft_vocab_subset(config.draft_vocab, self.vocab_size, special),
+                draft_vocab_subset(config.draft_vocab, self.vocab_size, self.special_ids),
+                weights=config.draft_weights if config.cpu_kernels else "bf16",
             )
         self.scheduler = Scheduler(config.max_slots, reuse_prefixes=config.prefix_cache)
         self.stats = EngineStats()

@@ -84,7 +84,11 @@ class DraftProposer:
     """
 
     def __init__(
-        self, runner: ModelRunner, target_vocab: int, vocab_subset: torch.Tensor | None = None
+        self,
+        runner: ModelRunner,
+        target_vocab: int,
+        vocab_subset: torch.Tensor | None = None,
+        weights: str = "bf16",
     ) -> None:
         self.runner = runner
         self.target_vocab = target_vocab
@@ -96,7 +100,9 @@ class DraftProposer:
             weight = runner.lm_head.weight[self.subset].contiguous()
             self.subset_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
             self.subset_head.weight = torch.nn.Parameter(weight, requires_grad=False)
-            self.subset_head = patch_linear(self.subset_head)
+            # In the weights the rest of the draft streams: a bf16 head of 32k rows would cost
+            # what the full int4 head does, and save nothing.
+            self.subset_head = patch_linear(self.subset_head, weights)
 
     def logits(self, batch: RaggedBatch) -> torch.Tensor:
         """Draft logits [B, target vocab] at each row's last token."""

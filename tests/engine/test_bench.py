@@ -4,6 +4,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from engine.bench import (
     draft_agreement,
     draft_context,
@@ -11,7 +13,7 @@ from engine.bench import (
     load_prompts,
     parse_window,
 )
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
 from tests.engine.conftest import tiny_model
 
@@ -41,11 +43,34 @@ def test_draft_agreement_is_total_for_a_draft_equal_to_the_target() -> None:
     header, _, *rows = same.splitlines()
     assert header == "| draft window | a | b | overall |"
     # The whole context: the draft is the target, so it agrees everywhere.
-    assert rows[0] == "| all | 100% | 100% | 100% |"
+    assert rows[0] == "| all | 100.0% | 100.0% | 100.0% |"
     assert rows[1].startswith("| 2 |") and rows[2].startswith("| 1+2 |")
     unrelated = draft_agreement(Engine(target, other, config), prompts, [(0, 0)], max_tokens=8)
-    overall = int(unrelated.splitlines()[2].split("|")[-2].strip().rstrip("%"))
-    assert overall < 100
+    assert _overall(unrelated.splitlines()[2]) < 100
+
+
+def _overall(row: str) -> float:
+    return float(row.split("|")[-2].strip().rstrip("%"))
+
+
+def test_draft_agreement_with_a_restricted_head_counts_only_the_kept_ids() -> None:
+    target = tiny_model("qwen2")
+    prompts = [("a", [5, 6, 7, 8, 9, 10]), ("b", [3, 4, 5])]
+    config = EngineConfig(gamma=3, max_slots=1, max_len=64, prefix_cache=False)
+    engine = Engine(target, target, config)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    continuations = [engine.generate([ids], params)[0].token_ids for _, ids in prompts]
+    # A head of the first `size` ids agrees exactly where the target's token is one of them.
+    tokens = [t for c in continuations for t in c]
+    size = sorted(tokens)[len(tokens) // 2]
+    kept = set(range(size)) | engine.special_ids
+    expected = sum(t in kept for t in tokens) / len(tokens) * 100
+    table = draft_agreement(engine, prompts, [(0, 0)], 8, vocabs=(0, size))
+    full, restricted = table.splitlines()[2:]
+    assert full.startswith("| all |") and _overall(full) == 100
+    assert restricted.startswith(f"| all, first {size} ids |")
+    assert 0 < _overall(restricted) < 100
+    assert _overall(restricted) == pytest.approx(expected, abs=0.05)
 
 
 def test_draft_windows_parse_and_keep_the_head_and_the_tail() -> None:

@@ -11,7 +11,7 @@ from engine import cpu_attention, cpu_linear
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine, PromptTooLongError
 from engine.runner import RaggedBatch
-from tests.engine.conftest import ARCHITECTURES, perturbed, tiny_model
+from tests.engine.conftest import ARCHITECTURES, VOCAB, perturbed, tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], list(range(40, 63)), [7]]
 NEW_TOKENS = 20
@@ -304,6 +304,29 @@ def test_restricted_draft_vocabulary_stays_lossless() -> None:
     assert [r.token_ids for r in results] == hf_greedy("llama")
     drafted = torch.cat([p.flatten() for p in proposed])
     assert drafted.max().item() < 100  # only the first 100 ids, plus specials, are proposable
+    assert eng.stats.accepted > 0
+
+
+@pytest.mark.skipif(not cpu_linear.available(), reason="CPU bf16 kernel not available here")
+@pytest.mark.parametrize("weights", ["int4", "int8", "bf16"])
+def test_restricted_draft_head_streams_the_drafts_weights(weights: str) -> None:
+    import copy
+
+    base, _ = models("qwen2")
+    target = copy.deepcopy(base).to(torch.bfloat16)
+    draft = perturbed(base, 0.1).to(torch.bfloat16)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    only = engine(target, None, gamma=0).generate(PROMPTS, params)
+    config = EngineConfig(gamma=4, max_slots=4, max_len=128, draft_vocab=200, draft_weights=weights)
+    eng = Engine(target, draft, config)
+    # A bf16 head over a subset would cost what the whole int4 head does: it would save nothing.
+    expected = {"int4": cpu_linear.Int4Linear, "int8": cpu_linear.Int8Linear}
+    head_type = expected.get(weights, cpu_linear.FastLinear)
+    assert type(draft.get_output_embeddings()) is head_type
+    assert type(eng.proposer.subset_head) is head_type
+    assert eng.proposer.subset_head.out_features < VOCAB
+    spec = eng.generate(PROMPTS, params)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in only]
     assert eng.stats.accepted > 0
 
 
