@@ -26,6 +26,7 @@ import torch
 from engine import cpu_linear
 from engine.config import (
     CLI_DRAFT_HEAD,
+    CLI_DRAFT_VOCAB,
     CLI_DRAFT_WINDOW,
     DRAFT_WEIGHTS,
     EngineConfig,
@@ -185,7 +186,8 @@ def draft_agreement(
 ) -> str:
     """How often the draft's argmax equals the target's greedy token, per task, draft context,
     given as (head, window) (window 0 = whole context), and draft vocabulary (0 = the head the
-    engine runs; N = its first N ids plus the special ones, as ``--draft-vocab N``): each
+    engine runs; N = its first N ids, the special ones and the context's own tokens, as
+    ``--draft-vocab N``): each
     prompt's target continuation is generated once, then the draft, given the context's first
     ``head`` and last ``window`` tokens, predicts it one token at a time as its decode steps
     would (teacher forcing: no rejection cuts a run short)."""
@@ -198,9 +200,10 @@ def draft_agreement(
         "| draft window | " + " | ".join(tasks) + " | overall |",
         "|---" * (len(tasks) + 2) + "|",
     ]
-    kept: dict[int, torch.Tensor | None] = {
+    subsets = {
         size: draft_vocab_subset(size, engine.vocab_size, engine.special_ids) for size in vocabs
     }
+    kept = {size: set(s.tolist()) for size, s in subsets.items() if s is not None}
     for head, window in windows:
         hits: dict[int, dict[str, list[int]]] = {
             size: defaultdict(lambda: [0, 0]) for size in vocabs
@@ -209,13 +212,22 @@ def draft_agreement(
             context = draft_context(ids[:-1], head, window)
             proposer.runner.prefill(RaggedBatch([context], [0], [0], [len(context)]))
             fed = [ids[-1], *continuation[:-1]]
+            outside = {size: {t for t in ids if t not in kept[size]} for size in kept}
+            # The engine's own head, when restricted, scores the context's tokens as in serving.
+            own_outside = proposer.outside(ids)
             for position, (token, target_token) in enumerate(zip(fed, continuation, strict=True)):
                 batch = RaggedBatch([[token]], [0], [len(context) + position], [1])
+                own_outside |= proposer.outside([token])
+                proposer.also_score(own_outside)
                 logits = proposer.logits(batch)[0]
-                for size, subset in kept.items():
-                    restricted = logits if subset is None else logits[subset]
-                    best = restricted.argmax().item()
-                    guess = best if subset is None else subset[best].item()
+                for size, subset in subsets.items():
+                    guess = logits.argmax().item()
+                    if subset is not None:
+                        if token not in kept[size]:
+                            outside[size].add(token)
+                        extra = torch.tensor(sorted(outside[size]), dtype=torch.long)
+                        candidates = torch.cat([subset, extra.to(subset.device)])
+                        guess = candidates[logits[candidates].argmax()].item()
                     hits[size][task][0] += int(guess == target_token)
                     hits[size][task][1] += 1
         for size in vocabs:
@@ -239,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--gamma", type=int, default=6)
-    parser.add_argument("--draft-vocab", type=int, default=0, help="draft LM head size (0 = full)")
+    parser.add_argument(
+        "--draft-vocab", type=int, default=CLI_DRAFT_VOCAB, help="draft LM head size (0 = full)"
+    )
     parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--adaptive-gamma", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--tune-prompt-gemm", action=argparse.BooleanOptionalAction, default=True)

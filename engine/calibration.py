@@ -41,7 +41,7 @@ from engine.runner import ModelRunner, RaggedBatch
 log = logging.getLogger("specserve.calibration")
 
 # Bumped whenever what the calibration measures, or how, changes: older files then miss.
-FORMAT = 2
+FORMAT = 3  # 3: a restricted draft head streams the draft's weight format (was bf16)
 # Calibration files a directory keeps (the most recently written).
 KEEP_FILES = 32
 # Sizes of the draft catch-up timed at start-up: a few tokens behind, a short prompt, a window.

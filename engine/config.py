@@ -9,6 +9,9 @@ DRAFT_WEIGHTS = ("bf16", "int8", "int4")  # the weights a draft may decode on (c
 # The command line's draft context (serve, generate, bench): see draft_window and draft_head.
 CLI_DRAFT_WINDOW = 256
 CLI_DRAFT_HEAD = 128  # of the window: 128 + the latest 128
+# The command line's restricted draft head (draft_vocab): on the default pair a draft step 16 %
+# cheaper for about the same acceptance (README, "--draft-vocab").
+CLI_DRAFT_VOCAB = 32768
 
 
 def cache_dir() -> Path:
@@ -55,7 +58,8 @@ class EngineConfig:
     # instead of transformers' modules; same weights, same numbers, a fraction of the glue.
     fused_decoder: bool = True
     # Draft LM head restricted to the first N token ids (byte-level BPE ids follow merge order,
-    # i.e. frequency), plus the special tokens at the end of the vocabulary. 0 = full head.
+    # i.e. frequency), plus the special tokens at the end of the vocabulary and the rows'
+    # own context tokens (a document's rare names recur in its answer). 0 = full head.
     # Lossless either way: the target verifies against its full distribution.
     draft_vocab: int = 0
     # Choose each round's gamma (0..gamma) from per-request acceptance and start-up timings of

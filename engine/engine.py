@@ -407,6 +407,20 @@ class Engine:
             return request.token_ids[:head] + request.tokens_from(head + gap)
         return request.tokens_from(gap + request.draft_len)
 
+    def _outside_ids(self, rows: list[Request]) -> set[int]:
+        """The rows' context tokens that the draft's restricted head lacks (new tokens only
+        are scanned each round)."""
+        assert self.proposer is not None
+        if self.proposer.subset is None:
+            return set()
+        union: set[int] = set()
+        for request in rows:
+            new = request.tokens_from(request.outside_scanned)
+            request.outside_ids |= self.proposer.outside(new)
+            request.outside_scanned += len(new)
+            union |= request.outside_ids
+        return union
+
     def _round(self, batch: list[Request]) -> list[RequestOutput]:
         device = self.target.device
         coming = len(self._prefilling) + len(self.scheduler.waiting)
@@ -430,6 +444,7 @@ class Engine:
                 draft_lens=[r.draft_len for r in chosen],
                 next_positions=[r.num_tokens - r.draft_gap for r in chosen],
                 first_positions=[r.num_tokens for r in chosen],
+                outside_ids=self._outside_ids(chosen),
             )
             index = to_device(plan.draft_rows, device)
             proposed, proposed_probs = self.proposer.propose(

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import torch
 
 from engine.config import SamplingParams
-from engine.cpu_linear import patch_linear
+from engine.cpu_linear import linear, patch_linear
 from engine.device import to_device
 from engine.runner import ModelRunner, RaggedBatch
 from engine.sampling import DRAFT_SAMPLE, sample_from, uniform, warp_probs
+
+# Most context ids a restricted draft head scores beside its subset (a bound for very long
+# contexts; a Spec-Bench RAG prompt has about a hundred).
+MAX_OUTSIDE = 4096
 
 
 @dataclass
@@ -69,10 +74,12 @@ class DraftRows:
     slots: list[int]
     catch_up: list[list[int]]  # tokens the draft slot has not seen yet, ending with the last one
     draft_lens: list[int]  # valid K/V length of each draft slot
+    # Ids a restricted draft head lacks that occur in these rows' contexts: scored beside it.
     # Where the first draft token lands in the draft slot, which may hold only a window of the
     # sequence, and in the sequence itself (what the per-position random numbers are keyed on).
     next_positions: list[int]
     first_positions: list[int]
+    outside_ids: Collection[int] = ()
 
 
 class DraftProposer:
@@ -93,7 +100,13 @@ class DraftProposer:
         self.runner = runner
         self.target_vocab = target_vocab
         self.subset: torch.Tensor | None = None
+        self._kept: frozenset[int] = frozenset()  # the subset's ids, on the host
+        # Context ids scored beside the subset this pass, with their rows of the full head.
+        self._outside: tuple[int, ...] = ()
+        self._outside_index = torch.empty(0, dtype=torch.long, device=runner.device)
+        self._outside_head = runner.lm_head.weight[:0]
         if vocab_subset is not None:
+            self._kept = frozenset(vocab_subset.tolist())
             # A head over a few frequent tokens (FR-Spec): the full draft head is a large share
             # of a small model's weights. Outside the subset the draft proposes nothing (q = 0).
             self.subset = vocab_subset.to(runner.device)
@@ -104,6 +117,26 @@ class DraftProposer:
             # what the full int4 head does, and save nothing.
             self.subset_head = patch_linear(self.subset_head, weights)
 
+    def outside(self, tokens: Iterable[int]) -> set[int]:
+        """The ids among ``tokens`` that the restricted head lacks (none without one). A
+        context's own rare tokens (a document's names, code identifiers) are the likeliest
+        rare tokens of its continuation: most of the target's tokens past the first 32768 ids
+        on Spec-Bench occur earlier in the prompt or the output."""
+        if self.subset is None:
+            return set()
+        limit = min(self.target_vocab, self.runner.vocab_size)
+        return {t for t in tokens if t not in self._kept and 0 <= t < limit}
+
+    def also_score(self, ids: Collection[int]) -> None:
+        """Scores ``ids`` (from ``outside``) beside the restricted head from now on; the rows
+        of the full head they need are gathered only when the set changes."""
+        key = tuple(sorted(ids)[:MAX_OUTSIDE])
+        if key == self._outside or self.subset is None:
+            return
+        self._outside = key
+        self._outside_index = to_device(list(key), self.runner.device, torch.long)
+        self._outside_head = self.runner.lm_head.weight.detach()[self._outside_index].contiguous()
+
     def logits(self, batch: RaggedBatch) -> torch.Tensor:
         """Draft logits [B, target vocab] at each row's last token."""
         if self.subset is None:
@@ -113,7 +146,12 @@ class DraftProposer:
         last = hidden[rows, to_device(batch.num_new, hidden.device) - 1]
         sub_logits = self.subset_head(last).float()
         logits = sub_logits.new_full((sub_logits.shape[0], self.target_vocab), float("-inf"))
-        return logits.index_copy_(1, self.subset, sub_logits)
+        logits.index_copy_(1, self.subset, sub_logits)
+        if self._outside:
+            # A few hundred rows at most: the bf16 rows of the full head serve as they are.
+            outside_logits = linear(last, self._outside_head).float()
+            logits.index_copy_(1, self._outside_index, outside_logits)
+        return logits
 
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         # Same tokenizer, but embedding tables are often padded to different sizes.
@@ -128,6 +166,7 @@ class DraftProposer:
         """Returns draft tokens [B, gamma] and, unless all rows are greedy, their warped
         distributions [B, gamma, V]."""
         device = self.runner.device
+        self.also_score(rows.outside_ids)
         first_position = to_device(rows.first_positions, device)
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []

@@ -103,6 +103,10 @@ class Request:
     ngram_acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     rounds_without_draft: int = 0  # consecutive rounds adaptive gamma gave this row no drafts
     lookup: PromptLookup | None = None  # n-gram index of the request's tokens (prompt lookup)
+    # Its tokens that a restricted draft head lacks (DraftProposer.outside), from the first
+    # outside_scanned tokens.
+    outside_ids: set[int] = field(default_factory=set)
+    outside_scanned: int = 0
 
     @property
     def token_ids(self) -> list[int]:

@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 
 from engine.config import (
     CLI_DRAFT_HEAD,
+    CLI_DRAFT_VOCAB,
     CLI_DRAFT_WINDOW,
     DRAFT_WEIGHTS,
     EngineConfig,
@@ -80,8 +81,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     _int_option(
         group,
         "--draft-vocab",
-        0,
-        "restrict the draft's LM head to the N most frequent token ids (0 = full)",
+        CLI_DRAFT_VOCAB,
+        "restrict the draft's LM head to the first N token ids (BPE ids go by frequency) "
+        "plus the special ones and the requests' own context tokens (0 = full)",
     )
     _switch(
         group,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,11 +61,17 @@ def test_draft_agreement_with_a_restricted_head_counts_only_the_kept_ids() -> No
     engine = Engine(target, target, config)
     params = SamplingParams(max_tokens=8, temperature=0)
     continuations = [engine.generate([ids], params)[0].token_ids for _, ids in prompts]
-    # A head of the first `size` ids agrees exactly where the target's token is one of them.
+    # A head of the first `size` ids and the context's tokens agrees exactly where the
+    # target's token is one of them.
     tokens = [t for c in continuations for t in c]
     size = sorted(tokens)[len(tokens) // 2]
     kept = set(range(size)) | engine.special_ids
-    expected = sum(t in kept for t in tokens) / len(tokens) * 100
+    scored = [
+        t in kept or t in prompt or t in continuation[:position]
+        for (_, prompt), continuation in zip(prompts, continuations, strict=True)
+        for position, t in enumerate(continuation)
+    ]
+    expected = sum(scored) / len(scored) * 100
     table = draft_agreement(engine, prompts, [(0, 0)], 8, vocabs=(0, size))
     full, restricted = table.splitlines()[2:]
     assert full.startswith("| all |") and _overall(full) == 100
@@ -101,3 +108,15 @@ def test_prompts_are_taken_per_task_and_from_the_chosen_tasks(tmp_path: Path) ->
         ("rag", "r2"),
     ]
     assert load_prompts(path, 1, {"rag"}) == [("rag", "r1")]
+
+
+def test_draft_agreement_of_a_restricted_engine_head_counts_its_context_tokens() -> None:
+    # The engine's own restricted head (size 0 in the table) scores the context's tokens as
+    # serving does: it agrees exactly as often as the same restriction applied to a full head.
+    target = tiny_model("qwen2")
+    prompts = [("a", [5, 6, 7, 8, 9, 10]), ("b", [3, 4, 5])]
+    config = EngineConfig(gamma=3, max_slots=1, max_len=64, prefix_cache=False)
+    full = draft_agreement(Engine(target, target, config), prompts, [(0, 0)], 8, vocabs=(0, 100))
+    restricted_engine = Engine(target, target, replace(config, draft_vocab=100))
+    own = draft_agreement(restricted_engine, prompts, [(0, 0)], 8)
+    assert own.splitlines()[2].split("|")[2:] == full.splitlines()[3].split("|")[2:]

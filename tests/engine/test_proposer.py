@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.runner import RaggedBatch
+from tests.engine.conftest import VOCAB, perturbed, tiny_model
+
+
+def _draft_logits(engine: Engine, context: list[int]) -> torch.Tensor:
+    assert engine.proposer is not None
+    runner = engine.proposer.runner
+    runner.prefill(RaggedBatch([context[:-1]], [0], [0], [len(context) - 1]))
+    return engine.proposer.logits(RaggedBatch([context[-1:]], [0], [len(context) - 1], [1]))[0]
+
+
+def test_restricted_head_scores_its_subset_and_the_context_ids_it_is_given() -> None:
+    target = tiny_model("qwen2")
+    draft = perturbed(target, 0.1)
+    config = EngineConfig(gamma=3, max_slots=2, max_len=64, prefix_cache=False)
+    full = Engine(target, draft, config)
+    restricted = Engine(target, draft, replace(config, draft_vocab=50))
+    proposer = restricted.proposer
+    assert proposer is not None and proposer.subset is not None
+    context = [5, 7, 120, 9, 300, 11]
+    outside = proposer.outside(context + [40, 301])
+    assert outside == {120, 300, 301}  # ids below 50 are in the subset
+    reference = _draft_logits(full, context)
+    kept = set(range(50)) | restricted.special_ids
+    # From nothing outside to some and back: a batch whose rare-token rows finished.
+    for ids in (set(), outside, set()):
+        proposer.also_score(ids)
+        logits = _draft_logits(restricted, context)
+        scored = torch.isfinite(logits).nonzero().flatten().tolist()
+        assert set(scored) == kept | ids
+        # Same weights, same numbers: the restricted head is a selection of the full one.
+        torch.testing.assert_close(logits[scored], reference[scored])
+    assert len(scored) < VOCAB
+
+
+def test_an_unrestricted_head_has_nothing_outside() -> None:
+    target = tiny_model("qwen2")
+    engine = Engine(target, perturbed(target, 0.1), EngineConfig(gamma=2, max_slots=1))
+    assert engine.proposer is not None and engine.proposer.outside(range(VOCAB)) == set()
