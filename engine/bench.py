@@ -177,6 +177,18 @@ def draft_context(ids: list[int], head: int, window: int) -> list[int]:
     return ids[:head] + ids[-window:]
 
 
+def _with_context(
+    candidates: torch.Tensor, tokens: list[int], kept: set[int], outside: set[int]
+) -> torch.Tensor:
+    """``candidates`` (the ids a restricted head scores) plus those of ``tokens`` neither in
+    its subset (``kept``) nor already added (``outside``, updated)."""
+    new = sorted({t for t in tokens if t not in kept} - outside)
+    if not new:
+        return candidates
+    outside.update(new)
+    return torch.cat([candidates, torch.tensor(new, dtype=torch.long, device=candidates.device)])
+
+
 def draft_agreement(
     engine: Engine,
     prompts: list[tuple[str, list[int]]],
@@ -187,10 +199,9 @@ def draft_agreement(
     """How often the draft's argmax equals the target's greedy token, per task, draft context,
     given as (head, window) (window 0 = whole context), and draft vocabulary (0 = the head the
     engine runs; N = its first N ids, the special ones and the context's own tokens, as
-    ``--draft-vocab N``): each
-    prompt's target continuation is generated once, then the draft, given the context's first
-    ``head`` and last ``window`` tokens, predicts it one token at a time as its decode steps
-    would (teacher forcing: no rejection cuts a run short)."""
+    ``--draft-vocab N``): each prompt's target continuation is generated once, then the draft,
+    given the context's first ``head`` and last ``window`` tokens, predicts it one token at a
+    time as its decode steps would (teacher forcing: no rejection cuts a run short)."""
     assert engine.proposer is not None
     proposer = engine.proposer
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
@@ -212,7 +223,11 @@ def draft_agreement(
             context = draft_context(ids[:-1], head, window)
             proposer.runner.prefill(RaggedBatch([context], [0], [0], [len(context)]))
             fed = [ids[-1], *continuation[:-1]]
-            outside = {size: {t for t in ids if t not in kept[size]} for size in kept}
+            # Each restricted head scores its subset and the context's tokens it lacks.
+            outside: dict[int, set[int]] = {size: set() for size in kept}
+            candidates = {
+                size: _with_context(subsets[size], ids, kept[size], outside[size]) for size in kept
+            }
             # The engine's own head, when restricted, scores the context's tokens as in serving.
             own_outside = proposer.outside(ids)
             for position, (token, target_token) in enumerate(zip(fed, continuation, strict=True)):
@@ -220,14 +235,13 @@ def draft_agreement(
                 own_outside |= proposer.outside([token])
                 proposer.also_score(own_outside)
                 logits = proposer.logits(batch)[0]
-                for size, subset in subsets.items():
+                for size in vocabs:
                     guess = logits.argmax().item()
-                    if subset is not None:
-                        if token not in kept[size]:
-                            outside[size].add(token)
-                        extra = torch.tensor(sorted(outside[size]), dtype=torch.long)
-                        candidates = torch.cat([subset, extra.to(subset.device)])
-                        guess = candidates[logits[candidates].argmax()].item()
+                    if size in kept:
+                        candidates[size] = _with_context(
+                            candidates[size], [token], kept[size], outside[size]
+                        )
+                        guess = candidates[size][logits[candidates[size]].argmax()].item()
                     hits[size][task][0] += int(guess == target_token)
                     hits[size][task][1] += 1
         for size in vocabs:

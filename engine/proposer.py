@@ -74,11 +74,11 @@ class DraftRows:
     slots: list[int]
     catch_up: list[list[int]]  # tokens the draft slot has not seen yet, ending with the last one
     draft_lens: list[int]  # valid K/V length of each draft slot
-    # Ids a restricted draft head lacks that occur in these rows' contexts: scored beside it.
     # Where the first draft token lands in the draft slot, which may hold only a window of the
     # sequence, and in the sequence itself (what the per-position random numbers are keyed on).
     next_positions: list[int]
     first_positions: list[int]
+    # Ids a restricted draft head lacks that occur in these rows' contexts: scored beside it.
     outside_ids: Collection[int] = ()
 
 
