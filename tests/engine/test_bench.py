@@ -22,7 +22,13 @@ from tests.engine.conftest import tiny_model
 def test_forward_times_reports_each_model_and_shape() -> None:
     target, draft = tiny_model("qwen2"), tiny_model("qwen2", seed=1, layers=1)
     engine = Engine(target, draft, EngineConfig(gamma=3, max_slots=4, max_len=64))
+    # The draft is timed through the head its steps use (the proposer's), not its runner's.
+    assert engine.proposer is not None
+    drafted: list[int] = []
+    logits = engine.proposer.logits
+    engine.proposer.logits = lambda batch: drafted.append(len(batch.slots)) or logits(batch)
     table = forward_times(engine, context=20, calls=2).splitlines()
+    assert sorted(set(drafted)) == [1, 2, 4]
     # Shapes with more rows than the engine has slots are left out.
     assert table[0] == (
         "| model | 1 row x 1 tok | 1 row x 2 tok | 1 row x 4 tok | 2 row x 1 tok | 4 row x 1 tok |"
