@@ -104,7 +104,7 @@ class DraftProposer:
         # Context ids scored beside the subset this pass, with their rows of the full head.
         self._outside: tuple[int, ...] = ()
         self._outside_index = torch.empty(0, dtype=torch.long, device=runner.device)
-        self._outside_head = runner.lm_head.weight[:0]
+        self._outside_head = runner.lm_head.weight.detach()[:0]
         if vocab_subset is not None:
             self._kept = frozenset(vocab_subset.tolist())
             # A head over a few frequent tokens (FR-Spec): the full draft head is a large share
