@@ -146,6 +146,15 @@ class SamplingParams:
     # Where draft tokens come from: "auto" (prompt lookup when it pays, else the draft model),
     # "draft" (the draft model only) or "ngram" (prompt lookup only, never the draft model).
     proposer: str = "auto"
+    # OpenAI's: subtract presence_penalty from the logit of every token the request has
+    # generated, and frequency_penalty times its count (both in [-2, 2]; engine/penalties.py).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's: tokens of the prompt or the output get their logit divided by it when positive,
+    # multiplied when negative (1 = off; > 1 discourages repeats).
+    repetition_penalty: float = 1.0
+    # OpenAI's: token id -> value in [-100, 100] added to its logit.
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -170,6 +179,26 @@ class SamplingParams:
             self.stop = [self.stop]
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = float(getattr(self, name))
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be between -2 and 2, got {value}")
+            setattr(self, name, value)
+        self.repetition_penalty = float(self.repetition_penalty)
+        if not 0 < self.repetition_penalty <= 100:
+            raise ValueError(
+                f"repetition_penalty must be above 0 (1 = off), got {self.repetition_penalty}"
+            )
+        if self.logit_bias:
+            bias = {int(token): float(value) for token, value in self.logit_bias.items()}
+            for token, value in bias.items():
+                if token < 0:
+                    raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+                if not -100 <= value <= 100:
+                    raise ValueError(
+                        f"logit_bias values must be between -100 and 100, got {value} for {token}"
+                    )
+            self.logit_bias = bias
 
     @property
     def greedy(self) -> bool:

@@ -22,6 +22,7 @@ from engine.device import to_device
 from engine.gamma import CostModel, OutputLengths
 from engine.logprobs import prompt_logprobs, token_logprobs
 from engine.ngram import PromptLookup
+from engine.penalties import PenaltyState
 from engine.planner import CATCH_UP_ALONE, RoundPlanner, draft_gap, draft_missing
 from engine.proposer import DraftProposer, DraftRows, RowSampling
 from engine.request import Request, RequestOutput, RequestStats, TokenLogprob
@@ -163,6 +164,7 @@ class Engine:
             self.target.prefill_attention = "sdpa"
         self.vocab_size = self.target.vocab_size
         self.processor = OutputProcessor(tokenizer, _eos_ids(target, tokenizer))
+        self.penalties = PenaltyState(config.max_slots, self.vocab_size, self.target.device)
         # Ids a restricted draft head keeps whatever its size (EOS must stay proposable).
         self.special_ids = set(self.processor.eos_token_ids)
         if tokenizer is not None:
@@ -233,6 +235,8 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        if params.logit_bias and any(t >= self.vocab_size for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be below {self.vocab_size}")
         gamma = self.gamma if params.gamma is None else min(params.gamma, self.gamma)
         request = Request(
             request_id=request_id or uuid.uuid4().hex,
@@ -373,7 +377,10 @@ class Engine:
 
     def _sampling(self, batch: list[Request]) -> RowSampling:
         return RowSampling.build(
-            [r.params for r in batch], [r.seed for r in batch], self.target.device
+            [r.params for r in batch],
+            [r.seed for r in batch],
+            self.target.device,
+            self.penalties.rows(batch),
         )
 
     def _catch_up_draft(self, rows: list[Request]) -> None:
@@ -470,11 +477,13 @@ class Engine:
             [g + 1 for g in row_gamma],
         )
         target_logits = self.target.forward(verify_batch, output="all")
-        target_probs = None if sampling.all_greedy else sampling.warp(target_logits)
+        # Penalties and bias shape what is sampled; logprobs report the model's own logits.
+        scored = sampling.penalise(target_logits, draft_tokens)
+        target_probs = None if sampling.all_greedy else sampling.warp(scored)
         verdict = verify(
             draft_tokens,
             draft_probs,
-            target_logits,
+            scored,
             target_probs,
             to_device(row_gamma, device),
             sampling.greedy,

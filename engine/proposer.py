@@ -8,6 +8,7 @@ import torch
 from engine.config import SamplingParams
 from engine.cpu_linear import linear, patch_linear
 from engine.device import to_device
+from engine.penalties import RowPenalties
 from engine.runner import ModelRunner, RaggedBatch
 from engine.sampling import DRAFT_SAMPLE, sample_from, uniform, warp_probs
 
@@ -29,10 +30,15 @@ class RowSampling:
     seeds: torch.Tensor  # [B] long
     host_top_k: list[int]
     host_top_p: list[float]
+    penalties: RowPenalties | None = None  # repeats and logit bias, when any row sets them
 
     @classmethod
     def build(
-        cls, params: list[SamplingParams], seeds: list[int], device: torch.device
+        cls,
+        params: list[SamplingParams],
+        seeds: list[int],
+        device: torch.device,
+        penalties: RowPenalties | None = None,
     ) -> RowSampling:
         top_k = [max(p.top_k, 0) for p in params]
         top_p = [p.top_p for p in params]
@@ -45,7 +51,15 @@ class RowSampling:
             seeds=to_device(seeds, device),
             host_top_k=top_k,
             host_top_p=top_p,
+            penalties=penalties,
         )
+
+    def penalise(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``logits`` [B, T, V] after penalties and bias (``RowPenalties.apply``), or as they
+        are when no row sets any."""
+        if self.penalties is None:
+            return logits
+        return self.penalties.apply(logits, tokens)
 
     def warp(self, logits: torch.Tensor) -> torch.Tensor:
         vocab = logits.shape[-1]
@@ -64,6 +78,7 @@ class RowSampling:
             seeds=self.seeds[index],
             host_top_k=[self.host_top_k[i] for i in rows],
             host_top_p=[self.host_top_p[i] for i in rows],
+            penalties=None if self.penalties is None else self.penalties.select(index),
         )
 
 
@@ -173,8 +188,12 @@ class DraftProposer:
         batch = RaggedBatch(
             rows.catch_up, rows.slots, rows.draft_lens, [len(t) for t in rows.catch_up]
         )
+        drafted = torch.zeros((len(rows.slots), 0), dtype=torch.long, device=device)
         for step in range(gamma):
             logits = self.logits(batch)  # [B, V]
+            if sampling.penalties is not None:
+                # Penalised as the target will score these positions, so greedy drafts agree.
+                logits = sampling.penalise(logits[:, None], drafted)[:, 0]
             token = logits.argmax(-1)
             if not sampling.all_greedy:
                 step_probs = sampling.warp(logits[:, None])[:, 0]
@@ -182,6 +201,8 @@ class DraftProposer:
                 token = torch.where(sampling.greedy, token, sample_from(step_probs, u))
                 probs.append(step_probs)
             tokens.append(token)
+            if sampling.penalties is not None:
+                drafted = torch.cat([drafted, token[:, None]], dim=1)
             if step + 1 < gamma:
                 starts = [n + step for n in rows.next_positions]
                 batch = RaggedBatch(token[:, None], rows.slots, starts, [1] * len(rows.slots))

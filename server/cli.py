@@ -230,6 +230,9 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
         top_k=args.top_k,
         seed=args.seed,
         stop=args.stop or [],
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
     )
 
 
@@ -317,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--presence-penalty", type=float, default=0.0, help="-2 to 2")
+    generate.add_argument("--frequency-penalty", type=float, default=0.0, help="-2 to 2")
+    generate.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 0; 1 = off, > 1 fewer repeats"
+    )
     generate.add_argument("--stop", action="append", help="stop string (repeatable)")
     generate.add_argument(
         "--chat",

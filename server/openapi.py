@@ -194,10 +194,7 @@ def _declare_limits(schemas: dict[str, Any], ctx: ServerContext) -> None:
         _update(props["stop"], _is("string"), minLength=1, maxLength=config.max_stop_chars)
         _update(props["stop"], _is("array"), maxItems=config.max_stop)
         _update(props["stop_token_ids"], _is("integer"), maximum=top_token)
-        # Accepted only at their neutral value (server/protocol.py).
-        for field in ("presence_penalty", "frequency_penalty"):
-            _update(props[field], _is("number"), minimum=0, maximum=0)
-        _update(props["logit_bias"], _is("object"), maxProperties=0)
+        _update(props["logit_bias"], _is("object"), propertyNames={"pattern": "^[0-9]+$"})
     prompt = schemas["CompletionRequest"]["properties"]["prompt"]
     _update(prompt, _is("integer"), maximum=top_token)
     _update(prompt, _is("string"), minLength=1)

@@ -103,6 +103,11 @@ def submissions(
             f"stop_token_ids must be below the vocabulary size {engine.vocab_size}",
             param="stop_token_ids",
         )
+    if any(t >= engine.vocab_size for t in body.token_bias):
+        raise bad_request(
+            f"logit_bias token ids must be below the vocabulary size {engine.vocab_size}",
+            param="logit_bias",
+        )
     if body.stop and ctx.tokens.tokenizer is None:
         raise bad_request("stop strings need a tokenizer, and this model has none", param="stop")
     n = body.choices_per_prompt
@@ -132,6 +137,12 @@ def submissions(
                     gamma=body.gamma,
                     logprobs=logprobs,
                     prompt_logprobs=prompt_logprobs,
+                    presence_penalty=body.presence_penalty or 0.0,
+                    frequency_penalty=body.frequency_penalty or 0.0,
+                    repetition_penalty=(
+                        1.0 if body.repetition_penalty is None else body.repetition_penalty
+                    ),
+                    logit_bias=body.token_bias or None,
                 )
             except ValueError as exc:
                 raise bad_request(str(exc)) from exc

@@ -2,7 +2,7 @@
 
 Unknown fields are ignored, because real clients send more than the spec. Known fields are strict
 (``false`` is not an integer, ``"0.5"`` is not a number), and OpenAI parameters this server cannot
-honour are accepted only at their neutral value rather than silently ignored.
+honour (``suffix``, ``best_of`` other than n) are refused rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ TokenIds = list[TokenId]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 Seed = Annotated[StrictInt, Field(ge=-_INT64, le=_INT64 - 1)]
 TopN = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
+Penalty = Annotated[StrictFloat, Field(ge=-2, le=2)]
+Bias = Annotated[StrictFloat, Field(ge=-100, le=100)]
 
 
 class _Body(BaseModel):
@@ -60,9 +62,11 @@ class SamplingFields(_Body):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    presence_penalty: StrictFloat | None = None
-    frequency_penalty: StrictFloat | None = None
-    logit_bias: dict[str, StrictFloat] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[StrictFloat, Field(gt=0, le=100)] | None = None  # vLLM's
+    # Token ids as strings (JSON object keys), as OpenAI takes them.
+    logit_bias: dict[str, Bias] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -72,14 +76,17 @@ class SamplingFields(_Body):
             raise ValueError("stop strings must be non-empty")
         return stops
 
-    @model_validator(mode="after")
-    def _neutral_only(self) -> SamplingFields:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise ValueError(f"{name} is not supported by this server: omit it or send 0")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server: omit it")
-        return self
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        return value
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        return {int(key): value for key, value in (self.logit_bias or {}).items()}
 
     @property
     def choices_per_prompt(self) -> int:

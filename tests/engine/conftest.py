@@ -98,6 +98,28 @@ def tiny_model(
     return model.eval().requires_grad_(False)
 
 
+def reference_penalise(
+    logits: torch.Tensor,
+    generated: list[int],
+    prompt: list[int],
+    presence: float,
+    frequency: float,
+    repetition: float,
+    bias: dict[int, float],
+) -> torch.Tensor:
+    """One position's logits [V] after logit bias and repetition, frequency and presence
+    penalties, the plain way, token by token (engine/penalties.py does it batched)."""
+    out = logits.double().clone()
+    for token, value in bias.items():
+        out[token] += value
+    for token in set(prompt) | set(generated):
+        if repetition != 1.0:
+            out[token] = out[token] / repetition if out[token] > 0 else out[token] * repetition
+    for token in set(generated):
+        out[token] -= frequency * generated.count(token) + presence
+    return out
+
+
 def perturbed(model: PreTrainedModel, scale: float, seed: int = 123) -> PreTrainedModel:
     """A copy of ``model`` with noise on every weight: a draft that agrees only partly."""
     clone = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)

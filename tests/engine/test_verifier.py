@@ -8,9 +8,10 @@ import torch
 import engine.verifier as verifier_module
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
+from engine.penalties import penalised
 from engine.sampling import warp_probs
 from engine.verifier import verify
-from tests.engine.conftest import tiny_model
+from tests.engine.conftest import reference_penalise, tiny_model
 
 VOCAB = 12
 
@@ -87,6 +88,12 @@ def _exact_marginals(target, prompt: list[int], steps: int, params: SamplingPara
     for _ in range(steps):
         with torch.no_grad():
             logits = target(torch.tensor(prefixes)).logits[:, -1:].float()
+        if penalised(params):
+            for i, prefix in enumerate(prefixes):
+                logits[i, 0] = reference_penalise(
+                    logits[i, 0], prefix[len(prompt) :], prompt, params.presence_penalty,
+                    params.frequency_penalty, params.repetition_penalty, params.logit_bias or {},
+                ).float()  # fmt: skip
         n = len(prefixes)
         probs = warp_probs(
             logits, torch.full((n,), params.temperature), torch.full((n,), max(params.top_k, 0)),
@@ -120,13 +127,24 @@ SAMPLING_CASES = [
     ({"temperature": 1.3, "top_p": 0.8}, 0),
     # A draft head over half the vocabulary: q is 0 elsewhere, the target still decides.
     ({"temperature": 1.0}, 6),
+    # Penalised: each position's target distribution depends on the drafts before it.
+    (
+        {
+            "temperature": 1.0,
+            "presence_penalty": 1.2,
+            "frequency_penalty": 0.6,
+            "repetition_penalty": 1.5,
+            "logit_bias": {4: 1.5},
+        },
+        0,
+    ),  # fmt: skip
 ]
 
 
 @pytest.mark.parametrize(
     "case,draft_vocab",
     SAMPLING_CASES,
-    ids=["t1", "t0.7-topk6", "t1.3-topp0.8", "t1-draftvocab6"],
+    ids=["t1", "t0.7-topk6", "t1.3-topp0.8", "t1-draftvocab6", "t1-penalties"],
 )
 def test_sampled_tokens_follow_the_target_distribution(
     case: dict, draft_vocab: int, monkeypatch
@@ -146,6 +164,14 @@ def test_sampled_tokens_follow_the_target_distribution(
     for position in range(steps):
         stat, df = _chi_square(counts[position], marginals[position])
         assert stat < _chi_square_critical(df), (position, stat, df)
+    if penalised(params[0]):
+        # And it would catch an engine that ignored them: the unpenalised law is far off.
+        plain = _exact_marginals(target, prompt, steps, SamplingParams(temperature=1.0))
+        worst = max(
+            _chi_square(counts[pos], plain[pos])[0] / _chi_square_critical(df)
+            for pos in range(steps)
+        )
+        assert worst > 3.0
 
     # The same check must catch a sampler that resamples from the target instead of the
     # residual on rejection: that over-weights tokens the draft likes.

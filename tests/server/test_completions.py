@@ -137,6 +137,31 @@ def test_seed_reproducible_and_n_choices(server: RunningServer, reference: Engin
     assert len(set(three)) == 3
 
 
+def test_penalties_and_logit_bias_reach_the_engine(
+    server: RunningServer, reference: Engine
+) -> None:
+    client = server.client()
+    token = reference.tokenize("hello")[-1]
+    settings = {"presence_penalty": 1.5, "frequency_penalty": 0.5, "logit_bias": {str(token): 3.0}}
+    result = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=24, temperature=0, seed=3,
+        extra_body={"ignore_eos": True, "repetition_penalty": 1.4}, **settings,
+    )  # fmt: skip
+    params = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    expected = reference_run(
+        reference, "hello", **params, presence_penalty=1.5, frequency_penalty=0.5,
+        repetition_penalty=1.4, logit_bias={token: 3.0},
+    )  # fmt: skip
+    assert result.choices[0].text == expected.text
+    assert expected.text != reference_run(reference, "hello", **params).text
+    # The chat route takes the same fields; +100 makes that token every greedy choice.
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
+        logit_bias={str(token): 100}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert chat.choices[0].message.content == reference.tokenizer.decode([token] * 6)
+
+
 def test_several_token_prompts_answered_by_index(server: RunningServer, reference: Engine) -> None:
     prompts = [[5, 6, 7, 8], [40, 41]]
     body = {"model": MODEL, "prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0}

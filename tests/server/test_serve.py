@@ -101,6 +101,16 @@ def test_generate_prints_the_completion_alone_on_stdout(
     assert out == expected.text + "\n"
     assert f"tokens={len(expected.token_ids)} " in err and "gamma=2" in err
 
+    # Below 1 it rewards repeats: the random model, left alone, repeats nothing.
+    penalties = ["--repetition-penalty", "0.2", "--presence-penalty", "0.5"]
+    assert main(["generate", prompt, *common, "--draft", "none", *penalties]) == 0
+    params = SamplingParams(
+        max_tokens=5, temperature=0, repetition_penalty=0.2, presence_penalty=0.5
+    )
+    [penalised] = engine.generate([prompt], params)
+    assert penalised.text != expected.text  # the flags reach the engine
+    assert capsys.readouterr().out == penalised.text + "\n"
+
 
 def test_generate_reports_bad_input_in_one_line(
     model_dir: Path, capsys: pytest.CaptureFixture[str]
@@ -115,6 +125,7 @@ def test_generate_reports_bad_input_in_one_line(
         (["--max-tokens", "0"], "--max-tokens must be >= 1"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
         (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--presence-penalty", "3"], "--presence-penalty must be between -2 and 2"),
         (["--threads", "-2"], "--threads must be >= 1"),
     ]:  # fmt: skip
         assert main(["generate", "hi", *missing, *flags]) == 2
