@@ -155,10 +155,18 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # OpenAI's: token id -> value in [-100, 100] added to its logit.
     logit_bias: dict[int, float] | None = None
+    # vLLM's: no EOS or stop token id can be generated, and no stop string completes, within
+    # the first min_tokens tokens.
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), "
+                f"got {self.min_tokens}"
+            )
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

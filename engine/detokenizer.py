@@ -88,7 +88,19 @@ class OutputProcessor:
         # A stop string may straddle the previous delta, so search from where it could begin.
         longest = max(len(s) for s in request.params.stop)
         search_from = max(0, request.emitted_text_len - longest + 1)
-        hits = [(i, s) for s in request.params.stop if (i := text.find(s, search_from)) >= 0]
+        # With min_tokens, only a stop string that ends past the text of the first min_tokens
+        # tokens counts (vLLM checks none before then).
+        min_tokens = request.params.min_tokens
+        floor = 0
+        if min_tokens:
+            if len(request.output_token_ids) < min_tokens:
+                return text, emitted
+            floor = len(self.decode(request.output_token_ids[:min_tokens]))
+        hits = [
+            (i, s)
+            for s in request.params.stop
+            if (i := text.find(s, max(search_from, floor - len(s) + 1))) >= 0
+        ]
         if not hits:
             return text, emitted
         index, stop = min(hits)

@@ -164,7 +164,9 @@ class Engine:
             self.target.prefill_attention = "sdpa"
         self.vocab_size = self.target.vocab_size
         self.processor = OutputProcessor(tokenizer, _eos_ids(target, tokenizer))
-        self.penalties = PenaltyState(config.max_slots, self.vocab_size, self.target.device)
+        self.penalties = PenaltyState(
+            config.max_slots, self.vocab_size, self.target.device, self.processor.eos_token_ids
+        )
         # Ids a restricted draft head keeps whatever its size (EOS must stay proposable).
         self.special_ids = set(self.processor.eos_token_ids)
         if tokenizer is not None:

@@ -1,11 +1,14 @@
-"""Repetition penalties and logit bias, applied to whole rounds of draft and verify logits.
+"""Repetition penalties, logit bias and min_tokens, applied to whole rounds of draft and verify
+logits.
 
 OpenAI's presence and frequency penalties count the tokens a request has generated; vLLM's
 repetition penalty also counts its prompt; ``logit_bias`` adds a fixed value per token id. A
 verify position scores the token after the drafts before it, so it must see those drafts as
 generated: position t of a round counts the request's output plus drafts 0..t-1. The target
 and the draft then penalise the same sequences, and the rejection rule, which only compares
-the two distributions it is given, stays exact for the penalised target.
+the two distributions it is given, stays exact for the penalised target. ``min_tokens`` works
+the same way: position t generates output token len(output) + t, and until that reaches
+min_tokens the ids that would end the request get no probability.
 
 The counts live on the device, one row per slot, and grow by the tokens each round emitted
 (read from the host lists the round already produced): no per-token Python work, and nothing
@@ -25,36 +28,63 @@ from engine.request import Request
 
 @dataclass
 class RowPenalties:
-    """One round's penalties, a row per batch row (rows without settings are neutral)."""
+    """One round's logit adjustments, a row per batch row (rows without settings are neutral).
+    The penalty fields are None when no row penalises (only ``min_tokens`` is at work), the
+    stop fields when no row is still short of its ``min_tokens``."""
 
-    counts: torch.Tensor  # [B, V] float: each token's count in the row's output so far
+    counts: torch.Tensor | None  # [B, V] float: each token's count in the row's output so far
     prompt_seen: torch.Tensor | None  # [B, V] bool: in the prompt (repetition penalty only)
     bias: torch.Tensor | None  # [B, V] float
-    presence: torch.Tensor  # [B]
-    frequency: torch.Tensor  # [B]
+    presence: torch.Tensor | None  # [B]
+    frequency: torch.Tensor | None  # [B]
     repetition: torch.Tensor | None  # [B]
+    until: torch.Tensor | None = None  # [B] long: output tokens still owed before a stop
+    stop_mask: torch.Tensor | None = None  # [B, V] bool: the ids that would end the row
 
     def select(self, index: torch.Tensor) -> RowPenalties:
+        def rows(table: torch.Tensor | None) -> torch.Tensor | None:
+            return None if table is None else table[index]
+
         return RowPenalties(
-            counts=self.counts[index],
-            prompt_seen=None if self.prompt_seen is None else self.prompt_seen[index],
-            bias=None if self.bias is None else self.bias[index],
-            presence=self.presence[index],
-            frequency=self.frequency[index],
-            repetition=None if self.repetition is None else self.repetition[index],
+            counts=rows(self.counts),
+            prompt_seen=rows(self.prompt_seen),
+            bias=rows(self.bias),
+            presence=rows(self.presence),
+            frequency=rows(self.frequency),
+            repetition=rows(self.repetition),
+            until=rows(self.until),
+            stop_mask=rows(self.stop_mask),
         )
 
     def apply(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``logits`` [B, T, V] penalised. ``tokens`` [B, S] (S >= T - 1) are tokens generated
+        """``logits`` [B, T, V] adjusted. ``tokens`` [B, S] (S >= T - 1) are tokens generated
         after the counted output: position t sees the first S - T + 1 + t of them (a verify
         passes its G drafts for G + 1 positions; a draft step the s tokens drafted so far)."""
-        rows, positions, vocab = logits.shape
-        counts = self.counts[:, None, :].expand(rows, positions, vocab)
+        positions = logits.shape[1]
         seen_before = tokens.shape[1] - positions + 1  # tokens that position 0 sees
+        scored = logits.float()
+        if self.counts is not None:
+            scored = self._penalise(scored, tokens, seen_before)
+        if self.until is not None:
+            assert self.stop_mask is not None
+            generated = seen_before + torch.arange(positions, device=logits.device)
+            early = generated[None, :] < self.until[:, None]  # [B, T]
+            scored = scored.masked_fill(
+                early[:, :, None] & self.stop_mask[:, None, :], float("-inf")
+            )
+        return scored
+
+    def _penalise(
+        self, scored: torch.Tensor, tokens: torch.Tensor, seen_before: int
+    ) -> torch.Tensor:
+        assert self.counts is not None and self.presence is not None
+        assert self.frequency is not None
+        rows, positions, vocab = scored.shape
+        counts = self.counts[:, None, :].expand(rows, positions, vocab)
         # (position, token index) pairs from host sizes: no wait for the device.
         pairs = [(t, j) for t in range(positions) for j in range(seen_before + t)]
         if pairs:
-            device = logits.device
+            device = scored.device
             at_position = to_device([t for t, _ in pairs], device, torch.long)
             at_token = to_device([j for _, j in pairs], device, torch.long)
             row = torch.arange(rows, device=device)[:, None].expand(rows, len(pairs))
@@ -63,7 +93,6 @@ class RowPenalties:
             counts.index_put_(
                 (row, at_position.expand(rows, -1), tokens[:, at_token]), ones, accumulate=True
             )
-        scored = logits.float()
         if self.bias is not None:
             scored = scored + self.bias[:, None, :]
         if self.repetition is not None:
@@ -96,8 +125,11 @@ class PenaltyState:
     round adds the output tokens the slot's request produced since they were last counted.
     """
 
-    def __init__(self, slots: int, vocab: int, device: torch.device) -> None:
+    def __init__(
+        self, slots: int, vocab: int, device: torch.device, eos_ids: set[int] | None = None
+    ) -> None:
         self.slots, self.vocab, self.device = slots, vocab, device
+        self.eos_ids = sorted(eos_ids or ())
         self.counts: torch.Tensor | None = None
         self.prompt_seen: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
@@ -115,7 +147,34 @@ class PenaltyState:
         return to_device(values, self.device, torch.long)
 
     def rows(self, batch: list[Request]) -> RowPenalties | None:
-        """The round's penalties, or None when no row has any (then nothing is allocated)."""
+        """The round's adjustments, or None when no row has any."""
+        until = [max(0, r.params.min_tokens - len(r.output_token_ids)) for r in batch]
+        penalties = self._penalties(batch)
+        if not any(until):
+            return penalties
+        # The ids that would end each row still short of min_tokens: masked until it is not.
+        stop_rows: list[int] = []
+        stop_tokens: list[int] = []
+        for row, (request, owed) in enumerate(zip(batch, until, strict=True)):
+            if owed:
+                params = request.params
+                ids = set(params.stop_token_ids) | set(() if params.ignore_eos else self.eos_ids)
+                ids = {i for i in ids if 0 <= i < self.vocab}
+                stop_rows += [row] * len(ids)
+                stop_tokens += sorted(ids)
+        stop_mask = torch.zeros((len(batch), self.vocab), dtype=torch.bool, device=self.device)
+        if stop_rows:
+            at = (self._ints(stop_rows), self._ints(stop_tokens))
+            stop_mask.index_put_(at, torch.ones((), dtype=torch.bool, device=self.device))
+        if penalties is None:
+            penalties = RowPenalties(None, None, None, None, None, None)
+        penalties.until = self._ints(until)
+        penalties.stop_mask = stop_mask
+        return penalties
+
+    def _penalties(self, batch: list[Request]) -> RowPenalties | None:
+        """The round's penalties and bias, or None when no row has any (then nothing is
+        allocated)."""
         active = [penalised(r.params) for r in batch]
         if not any(active):
             return None

@@ -143,6 +143,7 @@ def submissions(
                         1.0 if body.repetition_penalty is None else body.repetition_penalty
                     ),
                     logit_bias=body.token_bias or None,
+                    min_tokens=body.min_tokens or 0,
                 )
             except ValueError as exc:
                 raise bad_request(str(exc)) from exc

@@ -65,6 +65,7 @@ class SamplingFields(_Body):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[StrictFloat, Field(gt=0, le=100)] | None = None  # vLLM's
+    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None  # vLLM's
     # Token ids as strings (JSON object keys), as OpenAI takes them.
     logit_bias: dict[str, Bias] | None = None
 

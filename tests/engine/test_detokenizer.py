@@ -43,6 +43,18 @@ def test_stop_string_split_across_tokens_and_chunks_is_caught(tokenizer) -> None
         assert "fox jum" not in tokenizer.decode(request.output_token_ids[:-1])
 
 
+def test_a_stop_string_within_min_tokens_does_not_count(tokenizer) -> None:
+    text = "the fox ran and the fox sat down"
+    ids = tokenizer(text).input_ids
+    # The fewest tokens whose text holds the first "fox": it completes within min_tokens.
+    first = next(k for k in range(1, len(ids)) if "fox" in tokenizer.decode(ids[:k]))
+    for chunk in (1, 3, 50):
+        streamed, request, _ = _stream(tokenizer, text, chunk, stop=["fox"], min_tokens=first)
+        assert streamed == "the fox ran and the " and request.finish_reason == "stop"
+        plain, _, _ = _stream(tokenizer, text, chunk, stop=["fox"])
+        assert plain == "the "
+
+
 def test_possible_stop_prefix_is_held_back_until_resolved(tokenizer) -> None:
     processor = OutputProcessor(tokenizer, {tokenizer.eos_token_id})
     request = _request(tokenizer, stop=["lazy cat"])

@@ -152,6 +152,37 @@ def test_greedy_penalised_decoding_matches_a_plain_loop_with_and_without_drafts(
             assert eng.stats.acceptance_rate == 1.0
 
 
+def test_min_tokens_holds_back_eos_and_stop_ids_with_and_without_drafts() -> None:
+    target, close_draft, _ = _models()
+    prompt = PROMPTS[0]
+    free = _plain_loop(target, prompt, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    eos, stop_id = free[2], free[5]
+    assert eos not in free[:2] and stop_id not in free[:5] and eos != stop_id
+    min_tokens = 8
+    # The plain loop: ending ids get no probability within the first min_tokens tokens.
+    want: list[int] = []
+    while len(want) < NEW_TOKENS and not (want and want[-1] in (eos, stop_id)):
+        with torch.no_grad():
+            logits = target(torch.tensor([prompt + want])).logits[0, -1]
+        if len(want) < min_tokens:
+            logits[[eos, stop_id]] = float("-inf")
+        want.append(int(logits.argmax()))
+    assert len(want) > min_tokens and eos not in want[:-1] and stop_id not in want[:-1]
+    target.generation_config.eos_token_id = eos
+    try:
+        for draft, gamma in ((None, 0), (target, 4), (close_draft, 3)):
+            eng = Engine(target, draft, EngineConfig(gamma=gamma, max_slots=2, max_len=64))
+            params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, stop_token_ids=[stop_id])
+            assert eng.generate([prompt], params)[0].token_ids == free[:3]  # EOS ends it
+            params.min_tokens = min_tokens
+            (result,) = eng.generate([prompt], params)
+            assert result.token_ids == want, gamma
+            if draft is target:
+                assert eng.stats.acceptance_rate == 1.0  # the draft masks the same ids
+    finally:
+        target.generation_config.eos_token_id = 2
+
+
 def test_repetition_penalty_matches_transformers_generate() -> None:
     target, close_draft, _ = _models()
     for prompt in PROMPTS:
@@ -198,6 +229,7 @@ def test_logit_bias_outside_the_vocabulary_is_refused() -> None:
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"logit_bias": {3: 101.0}}, "between -100 and 100"),
         ({"logit_bias": {-1: 1.0}}, ">= 0"),
+        ({"min_tokens": 17, "max_tokens": 16}, "min_tokens must be between 0 and max_tokens"),
     ],
 )
 def test_sampling_params_validate_penalties(kwargs: dict, message: str) -> None:

@@ -70,6 +70,8 @@ def _chi_square_critical(df: int, z: float = 3.09) -> float:
 
 
 def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    if (counts[probs == 0] > 0).any():  # a token the law rules out was drawn: no bin takes it
+        return math.inf, 1
     total = counts.sum().item()
     expected = probs * total
     big = expected >= 5  # pool rare tokens into one bin so the approximation holds
@@ -94,6 +96,8 @@ def _exact_marginals(target, prompt: list[int], steps: int, params: SamplingPara
                     logits[i, 0], prefix[len(prompt) :], prompt, params.presence_penalty,
                     params.frequency_penalty, params.repetition_penalty, params.logit_bias or {},
                 ).float()  # fmt: skip
+        if len(prefixes[0]) - len(prompt) < params.min_tokens:
+            logits[:, 0, params.stop_token_ids] = float("-inf")
         n = len(prefixes)
         probs = warp_probs(
             logits, torch.full((n,), params.temperature), torch.full((n,), max(params.top_k, 0)),
@@ -128,6 +132,7 @@ SAMPLING_CASES = [
     # A draft head over half the vocabulary: q is 0 elsewhere, the target still decides.
     ({"temperature": 1.0}, 6),
     # Penalised: each position's target distribution depends on the drafts before it.
+    # min_tokens covers every counted position, so the stop id never ends a sample early.
     (
         {
             "temperature": 1.0,
@@ -135,6 +140,8 @@ SAMPLING_CASES = [
             "frequency_penalty": 0.6,
             "repetition_penalty": 1.5,
             "logit_bias": {4: 1.5},
+            "min_tokens": 4,
+            "stop_token_ids": [6],
         },
         0,
     ),  # fmt: skip

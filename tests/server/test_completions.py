@@ -162,6 +162,22 @@ def test_penalties_and_logit_bias_reach_the_engine(
     assert chat.choices[0].message.content == reference.tokenizer.decode([token] * 6)
 
 
+def test_min_tokens_holds_back_the_end(reference: Engine) -> None:
+    # A server whose target ends text with a token it emits early on.
+    plain = reference_run(reference, "hello", max_tokens=24, temperature=0, ignore_eos=True)
+    eos = plain.token_ids[2]
+    with serve(make_engine(eos_token_id=eos)) as running:
+        client = running.client()
+        ended = client.completions.create(model=MODEL, prompt="hello", max_tokens=24, temperature=0)
+        assert ended.choices[0].finish_reason == "stop"
+        assert ended.usage.completion_tokens <= 3
+        held = client.completions.create(
+            model=MODEL, prompt="hello", max_tokens=24, temperature=0,
+            extra_body={"min_tokens": 10},
+        )  # fmt: skip
+        assert held.usage.completion_tokens >= 10
+
+
 def test_several_token_prompts_answered_by_index(server: RunningServer, reference: Engine) -> None:
     prompts = [[5, 6, 7, 8], [40, 41]]
     body = {"model": MODEL, "prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0}
@@ -251,7 +267,6 @@ def test_unknown_fields_are_ignored(server: RunningServer) -> None:
         "model": MODEL,
         "prompt": "hi",
         "max_tokens": 2,
-        "min_tokens": 1,
         "foo": {"x": 1},
         "user": "u1",
         "stream_options": {"include_usage": True},

@@ -34,6 +34,7 @@ CASES = [  # (route, body, status, words the message must contain)
     (COMPLETIONS, {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     (COMPLETIONS, {"prompt": "hi", "frequency_penalty": "1"}, 400, "frequency_penalty"),
     (COMPLETIONS, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    (COMPLETIONS, {"prompt": "hi", "min_tokens": 17}, 400, "min_tokens must be between 0"),
     (COMPLETIONS, {"prompt": "hi", "logit_bias": {"a": 1}}, 400, "must be token ids"),
     (COMPLETIONS, {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     (COMPLETIONS, {"prompt": "hi", "logit_bias": {"320": 1}}, 400, "vocabulary size 320"),
