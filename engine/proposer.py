@@ -30,6 +30,7 @@ class RowSampling:
     seeds: torch.Tensor  # [B] long
     host_top_k: list[int]
     host_top_p: list[float]
+    min_p: torch.Tensor | None = None  # [B] float, when any row sets it
     penalties: RowPenalties | None = None  # repeats and logit bias, when any row sets them
 
     @classmethod
@@ -51,6 +52,9 @@ class RowSampling:
             seeds=to_device(seeds, device),
             host_top_k=top_k,
             host_top_p=top_p,
+            min_p=to_device([p.min_p for p in params], device)
+            if any(p.min_p for p in params)
+            else None,
             penalties=penalties,
         )
 
@@ -65,7 +69,9 @@ class RowSampling:
         vocab = logits.shape[-1]
         use_top_k = any(0 < k < vocab for k in self.host_top_k)
         use_top_p = any(p < 1.0 for p in self.host_top_p)
-        return warp_probs(logits, self.temperature, self.top_k, self.top_p, use_top_k, use_top_p)
+        return warp_probs(
+            logits, self.temperature, self.top_k, self.top_p, use_top_k, use_top_p, self.min_p
+        )
 
     def select(self, rows: list[int], index: torch.Tensor) -> RowSampling:
         """The sampling of a subset of the rows (``index``: ``rows`` on the device)."""
@@ -78,6 +84,7 @@ class RowSampling:
             seeds=self.seeds[index],
             host_top_k=[self.host_top_k[i] for i in rows],
             host_top_p=[self.host_top_p[i] for i in rows],
+            min_p=None if self.min_p is None else self.min_p[index],
             penalties=None if self.penalties is None else self.penalties.select(index),
         )
 

@@ -56,16 +56,23 @@ def warp_probs(
     top_p: torch.Tensor,
     use_top_k: bool | None = None,
     use_top_p: bool | None = None,
+    min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Probabilities after temperature, top-k and top-p, per row.
+    """Probabilities after temperature, min-p, top-k and top-p, per row (vLLM's order).
 
-    logits: [B, K, V]; temperature, top_p: [B] float; top_k: [B] long (0 = off).
+    logits: [B, K, V]; temperature, top_p: [B] float; top_k: [B] long (0 = off); min_p: [B]
+    float (0 = off), or None when no row sets it: tokens less likely than min_p times the most
+    likely one are dropped.
     Rows with temperature 0 (greedy) get temperature 1 here; the verifier never samples them.
     ``use_top_k`` / ``use_top_p``: whether any row truncates, when the caller knows it from
     host values (else read from the tensors, a wait for the device).
     """
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     scaled = logits / temp[:, None, None]
+    if min_p is not None:
+        probs = scaled.softmax(-1)
+        floor = probs.amax(-1, keepdim=True) * min_p[:, None, None]
+        scaled = scaled.masked_fill(probs < floor, float("-inf"))
     vocab = logits.shape[-1]
     if use_top_k is None:
         use_top_k = bool(((top_k > 0) & (top_k < vocab)).any())

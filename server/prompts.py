@@ -129,6 +129,7 @@ def submissions(
                     temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p,
                     top_k=body.top_k or 0,
+                    min_p=body.min_p or 0.0,
                     seed=_choice_seed(body.seed, j),
                     stop=list(body.stop or []),
                     stop_token_ids=list(body.stop_token_ids or []),

@@ -50,6 +50,7 @@ class SamplingFields(_Body):
     temperature: Annotated[StrictFloat, Field(ge=0, le=2)] | None = None
     top_p: Annotated[StrictFloat, Field(gt=0, le=1)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None  # vLLM's extension
+    min_p: Annotated[StrictFloat, Field(ge=0, le=1)] | None = None  # vLLM's extension
     seed: Seed | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: TokenIds | None = None  # vLLM's extension

@@ -26,8 +26,13 @@ def test_uniform_is_uniform() -> None:
     assert abs(values[:-1].sub(0.5).mul(values[1:].sub(0.5)).mean().item()) < 0.002
 
 
-def _reference_warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
+def _reference_warp(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float = 0.0
+):
     probs = (logits / temperature).softmax(-1)
+    if min_p:
+        probs = torch.where(probs >= min_p * probs.max(), probs, torch.zeros_like(probs))
+        probs = probs / probs.sum()
     order = probs.argsort(descending=True).tolist()
     keep: list[int] = []
     mass = 0.0
@@ -44,9 +49,20 @@ def _reference_warp(logits: torch.Tensor, temperature: float, top_k: int, top_p:
 
 
 @pytest.mark.parametrize(
-    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 3, 1.0), (1.5, 0, 0.7), (0.8, 5, 0.5)]
+    "temperature,top_k,top_p,min_p",
+    [
+        (1.0, 0, 1.0, 0.0),
+        (0.5, 3, 1.0, 0.0),
+        (1.5, 0, 0.7, 0.0),
+        (0.8, 5, 0.5, 0.0),
+        (1.0, 0, 1.0, 0.2),
+        (0.8, 5, 0.9, 0.3),
+        (1.3, 0, 0.8, 0.25),
+    ],  # fmt: skip
 )
-def test_warp_matches_a_plain_reference(temperature: float, top_k: int, top_p: float) -> None:
+def test_warp_matches_a_plain_reference(
+    temperature: float, top_k: int, top_p: float, min_p: float
+) -> None:
     torch.manual_seed(0)
     logits = torch.randn(3, 2, 16) * 2
     rows = logits.shape[0]
@@ -55,10 +71,14 @@ def test_warp_matches_a_plain_reference(temperature: float, top_k: int, top_p: f
         torch.full((rows,), temperature),
         torch.full((rows,), top_k),
         torch.full((rows,), top_p),
+        min_p=torch.full((rows,), min_p) if min_p else None,
     )
+    if min_p:  # it really drops tokens the other settings keep
+        without = torch.stack([_reference_warp(x, temperature, top_k, top_p) for x in logits[:, 0]])
+        assert (warped[:, 0] == 0).sum() > (without == 0).sum()
     for b in range(rows):
         for k in range(2):
-            expected = _reference_warp(logits[b, k], temperature, top_k, top_p)
+            expected = _reference_warp(logits[b, k], temperature, top_k, top_p, min_p)
             torch.testing.assert_close(warped[b, k], expected, atol=1e-6, rtol=1e-5)
 
 
@@ -82,18 +102,23 @@ def test_row_sampling_reads_its_warping_steps_from_the_host() -> None:
         SamplingParams(temperature=0.7, top_p=0.8),
         SamplingParams(temperature=0),
         SamplingParams(temperature=1.2, top_k=3),
-        SamplingParams(temperature=1.0, top_k=100),  # past the vocabulary: no truncation
+        SamplingParams(temperature=1.0, top_k=100, min_p=0.1),  # top-k past the vocabulary
     ]
     sampling = RowSampling.build(params, [11, 12, 13, 14], torch.device("cpu"))
     assert sampling.host_top_k == [0, 0, 3, 100] and sampling.host_top_p == [0.8, 1, 1, 1]
     logits = torch.randn(4, 2, 16) * 2
-    expected = warp_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    assert sampling.min_p is not None and sampling.min_p.tolist() == pytest.approx([0, 0, 0, 0.1])
+    expected = warp_probs(
+        logits, sampling.temperature, sampling.top_k, sampling.top_p, min_p=sampling.min_p
+    )
     torch.testing.assert_close(sampling.warp(logits), expected, atol=0, rtol=0)
     for rows in ([1, 3], [2], [0, 2]):
         subset = sampling.select(rows, torch.tensor(rows))
         assert subset.host_top_k == [sampling.host_top_k[i] for i in rows]
         assert torch.equal(subset.seeds, torch.tensor([11, 12, 13, 14])[rows])
-        plain = warp_probs(logits[rows], subset.temperature, subset.top_k, subset.top_p)
+        plain = warp_probs(
+            logits[rows], subset.temperature, subset.top_k, subset.top_p, min_p=subset.min_p
+        )
         torch.testing.assert_close(subset.warp(logits[rows]), plain, atol=0, rtol=0)
 
 

@@ -102,6 +102,7 @@ def _exact_marginals(target, prompt: list[int], steps: int, params: SamplingPara
         probs = warp_probs(
             logits, torch.full((n,), params.temperature), torch.full((n,), max(params.top_k, 0)),
             torch.full((n,), params.top_p),
+            min_p=torch.full((n,), params.min_p) if params.min_p else None,
         )[:, 0].double()  # fmt: skip
         joint = weights[:, None] * probs
         marginals.append(joint.sum(0))
@@ -129,6 +130,7 @@ SAMPLING_CASES = [
     ({"temperature": 1.0}, 0),
     ({"temperature": 0.7, "top_k": 6}, 0),
     ({"temperature": 1.3, "top_p": 0.8}, 0),
+    ({"temperature": 1.0, "min_p": 0.4}, 0),
     # A draft head over half the vocabulary: q is 0 elsewhere, the target still decides.
     ({"temperature": 1.0}, 6),
     # Penalised: each position's target distribution depends on the drafts before it.
@@ -151,7 +153,7 @@ SAMPLING_CASES = [
 @pytest.mark.parametrize(
     "case,draft_vocab",
     SAMPLING_CASES,
-    ids=["t1", "t0.7-topk6", "t1.3-topp0.8", "t1-draftvocab6", "t1-penalties"],
+    ids=["t1", "t0.7-topk6", "t1.3-topp0.8", "t1-minp0.4", "t1-draftvocab6", "t1-penalties"],
 )
 def test_sampled_tokens_follow_the_target_distribution(
     case: dict, draft_vocab: int, monkeypatch

@@ -162,6 +162,17 @@ def test_penalties_and_logit_bias_reach_the_engine(
     assert chat.choices[0].message.content == reference.tokenizer.decode([token] * 6)
 
 
+def test_min_p_reaches_the_engine(server: RunningServer, reference: Engine) -> None:
+    params = {"max_tokens": 24, "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    result = server.client().completions.create(
+        model=MODEL, prompt="hello", max_tokens=24, temperature=1.0, seed=5,
+        extra_body={"ignore_eos": True, "min_p": 0.5},
+    )  # fmt: skip
+    expected = reference_run(reference, "hello", **params, min_p=0.5)
+    assert result.choices[0].text == expected.text
+    assert expected.text != reference_run(reference, "hello", **params).text
+
+
 def test_min_tokens_holds_back_the_end(reference: Engine) -> None:
     # A server whose target ends text with a token it emits early on.
     plain = reference_run(reference, "hello", max_tokens=24, temperature=0, ignore_eos=True)
