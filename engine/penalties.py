@@ -109,6 +109,9 @@ class RowPenalties:
         )
 
 
+_NEUTRAL = SamplingParams()  # read only: what a row without these settings stands for
+
+
 def penalised(params: SamplingParams) -> bool:
     return bool(
         params.presence_penalty
@@ -226,7 +229,7 @@ class PenaltyState:
         # penalties, a zeroed bias and a repetition penalty of 1 keep them neutral whatever a
         # previous occupant left there.
         index = self._ints([r.slot for r in batch])
-        params = [r.params if on else SamplingParams() for r, on in zip(batch, active, strict=True)]
+        params = [r.params if on else _NEUTRAL for r, on in zip(batch, active, strict=True)]
         uses_bias = any(p.logit_bias for p in params)
         uses_repetition = any(p.repetition_penalty != 1.0 for p in params)
         bias = None
