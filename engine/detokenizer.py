@@ -91,11 +91,11 @@ class OutputProcessor:
         # With min_tokens, only a stop string that ends past the text of the first min_tokens
         # tokens counts (vLLM checks none before then).
         min_tokens = request.params.min_tokens
-        floor = 0
-        if min_tokens:
-            if len(request.output_token_ids) < min_tokens:
-                return text, emitted
-            floor = len(self.decode(request.output_token_ids[:min_tokens]))
+        if len(request.output_token_ids) < min_tokens:
+            return text, emitted
+        if request.stop_floor is None:  # decoded once: it cannot change
+            request.stop_floor = len(self.decode(request.output_token_ids[:min_tokens]))
+        floor = request.stop_floor
         hits = [
             (i, s)
             for s in request.params.stop

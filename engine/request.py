@@ -96,6 +96,8 @@ class Request:
     prefix_offset: int = 0
     read_offset: int = 0
     finish_reason: str | None = None
+    # Characters of the text of the first min_tokens tokens: stop strings count past them.
+    stop_floor: int | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     prompt_logprobs_pending: bool = False
     prompt_logprobs_cache: list[TokenLogprob | None] | None = None
