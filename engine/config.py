@@ -159,6 +159,9 @@ class SamplingParams:
     # vLLM's: no EOS or stop token id can be generated, and no stop string completes, within
     # the first min_tokens tokens.
     min_tokens: int = 0
+    # OpenAI's predicted outputs: token ids the output is expected to mostly repeat (a file
+    # being edited). Prompt lookup copies from them first; the target verifies as ever.
+    prediction: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -32,6 +32,9 @@ from engine.stats import EngineStats, RoundRecord
 from engine.verifier import verify
 
 log = logging.getLogger("specserve.engine")
+# The n-gram sizes a request's predicted output is looked up with where the engine's prompt
+# lookup is off (the command line's default size).
+DEFAULT_LOOKUP = 3
 
 
 Row = TypeVar("Row")  # what padding_groups sorts: requests, or (request, size) pairs
@@ -239,6 +242,8 @@ class Engine:
             raise ValueError("stop strings need a tokenizer")
         if params.logit_bias and any(t >= self.vocab_size for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be below {self.vocab_size}")
+        if params.prediction and any(not 0 <= t < self.vocab_size for t in params.prediction):
+            raise ValueError(f"prediction token ids must be in [0, {self.vocab_size})")
         gamma = self.gamma if params.gamma is None else min(params.gamma, self.gamma)
         request = Request(
             request_id=request_id or uuid.uuid4().hex,
@@ -313,15 +318,18 @@ class Engine:
         for request in requests:
             request.stats.arrival_time = min(request.stats.arrival_time, time.monotonic())
             self.stats.prompt_tokens += len(request.prompt_token_ids)
+            prediction = request.params.prediction
             if (
-                self.config.prompt_lookup
+                (self.config.prompt_lookup or prediction)
                 and request.gamma > 0
                 and request.params.proposer != "draft"
             ):
-                request.lookup = PromptLookup(
-                    self.config.prompt_lookup, min(2, self.config.prompt_lookup)
-                )
+                # A predicted output turns lookup on for its request even where it is off.
+                size = self.config.prompt_lookup or DEFAULT_LOOKUP
+                request.lookup = PromptLookup(size, min(2, size))
                 request.lookup.extend(request.prompt_token_ids)
+                if prediction:
+                    request.lookup.predict(request.prompt_token_ids, prediction)
             request.target_len = request.cached_len
             self._prefilling.append(request)
 
@@ -523,6 +531,10 @@ class Engine:
                 stats.acceptance_histogram.extend(
                     [0] * (request.gamma + 1 - len(stats.acceptance_histogram))
                 )
+            lookup = request.lookup
+            if from_lookup and lookup is not None and lookup.proposed_from_prediction:
+                stats.prediction_accepted += accepted
+                stats.prediction_rejected += row_gamma[index] - accepted
             if row_gamma[index] > 0:
                 stats.acceptance_histogram[accepted] += 1
                 estimate = request.ngram_acceptance if from_lookup else request.acceptance

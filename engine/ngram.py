@@ -9,6 +9,8 @@ through the same rejection rule: accept with probability p(x), else sample max(p
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 
 class PromptLookup:
     """Where each n-gram of one request's tokens last occurred, kept up to date incrementally.
@@ -24,6 +26,25 @@ class PromptLookup:
         self.tables: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
         self.tokens: list[int] = []
         self._indexed = 0  # continuations starting before this position are in the tables
+        # A predicted output (``predict``): its tokens, and per n-gram every position right
+        # after it there, ascending; proposals walk forward through it past ``_cursor``.
+        self.prediction: list[int] = []
+        self._prediction_tables: dict[int, dict[tuple[int, ...], list[int]]] = {}
+        self._cursor = 0
+        self.proposed_from_prediction = False  # where the latest proposal came from
+
+    def predict(self, lead: list[int], prediction: list[int]) -> None:
+        """Takes a text the output is expected to follow (OpenAI's predicted outputs), read
+        as if it came right after ``lead`` (the context so far), so that the context's own
+        ending already proposes its start. Its n-grams are looked up before the context's."""
+        reference = lead[-max(self.sizes) :] + prediction
+        start = len(reference) - len(prediction)
+        tables: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in self.sizes}
+        for position in range(start, len(reference)):
+            for n, table in tables.items():
+                if position >= n:
+                    table.setdefault(tuple(reference[position - n : position]), []).append(position)
+        self.prediction, self._prediction_tables, self._cursor = reference, tables, start - 1
 
     def extend(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
@@ -41,10 +62,20 @@ class PromptLookup:
     def propose(self, limit: int) -> list[int]:
         """Up to ``limit`` tokens that followed the latest earlier occurrence of the longest
         matching suffix; empty when no suffix of a tracked size occurred before."""
+        self.proposed_from_prediction = False
         if limit <= 0:
             return []
-        self._index()
         tokens = self.tokens
+        for n, table in self._prediction_tables.items():
+            positions = table.get(tuple(tokens[-n:])) if len(tokens) >= n else None
+            if positions:
+                # The first occurrence past where the last proposal started, else the latest:
+                # the output follows the prediction forward, repeated lines included.
+                at = bisect_right(positions, self._cursor)
+                self._cursor = positions[at] if at < len(positions) else positions[-1]
+                self.proposed_from_prediction = True
+                return self.prediction[self._cursor : self._cursor + limit]
+        self._index()
         for n in self.sizes:
             if len(tokens) <= n:
                 continue

@@ -31,6 +31,9 @@ class RequestStats:
     accepted: int = 0  # draft tokens the target accepted
     generated: int = 0  # tokens emitted
     cached_tokens: int = 0  # prompt tokens whose K/V a previous request left in the slot
+    # Drafts copied from the request's predicted output that the target accepted / rejected.
+    prediction_accepted: int = 0
+    prediction_rejected: int = 0
     # acceptance_histogram[k] = rounds in which exactly k draft tokens were accepted
     acceptance_histogram: list[int] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)

@@ -95,7 +95,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         logprobs=body.logprobs_top_n,
     )
     stream = submit(ctx, subs, arrival)
-    choices = make_choices(prompts, body.choices_per_prompt)
+    choices = make_choices(prompts, body.choices_per_prompt, body.prediction is not None)
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk" if body.stream else "chat.completion",

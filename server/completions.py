@@ -115,7 +115,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         prompt_logprobs=body.logprobs if wants_prompt_logprobs else None,
     )
     stream = submit(ctx, subs, arrival)
-    choices = make_choices(prompts, body.choices_per_prompt)
+    choices = make_choices(prompts, body.choices_per_prompt, body.prediction is not None)
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",

@@ -35,6 +35,7 @@ class Choice:
     stats: RequestStats | None = None
     num_generated: int = 0
     started: bool = False  # has anything been sent for it (streaming)
+    predicted: bool = False  # the request came with a predicted output
 
     def add(self, output: RequestOutput) -> None:
         self.token_ids += output.new_token_ids
@@ -49,8 +50,11 @@ class Choice:
             self.finish_reason = output.finish_reason
 
 
-def make_choices(prompts: list[Prompt], n: int) -> list[Choice]:
-    return [Choice(index=i, prompt=prompts[i // n]) for i in range(len(prompts) * n)]
+def make_choices(prompts: list[Prompt], n: int, predicted: bool = False) -> list[Choice]:
+    return [
+        Choice(index=i, prompt=prompts[i // n], predicted=predicted)
+        for i in range(len(prompts) * n)
+    ]
 
 
 def submit(ctx: ServerContext, subs: list[Submission], arrival: float) -> RequestStream:
@@ -113,12 +117,20 @@ def usage(choices: list[Choice], prompts: list[Prompt]) -> dict:
     for choice in choices:
         held = choice.stats.cached_tokens if choice.stats is not None else 0
         cached[id(choice.prompt)] = max(cached.get(id(choice.prompt), 0), held)
-    return {
+    result = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
     }
+    stats = [c.stats for c in choices if c.stats is not None]
+    if any(c.predicted for c in choices):
+        # OpenAI's fields for predicted outputs: here, copied drafts the target kept / refused.
+        result["completion_tokens_details"] = {
+            "accepted_prediction_tokens": sum(s.prediction_accepted for s in stats),
+            "rejected_prediction_tokens": sum(s.prediction_rejected for s in stats),
+        }
+    return result
 
 
 def speculative_metrics(choices: list[Choice], gamma: int) -> dict | None:

@@ -108,6 +108,11 @@ def submissions(
             f"logit_bias token ids must be below the vocabulary size {engine.vocab_size}",
             param="logit_bias",
         )
+    prediction = None
+    if body.prediction is not None and body.prediction.text:
+        if ctx.tokens.tokenizer is None:
+            raise bad_request("prediction needs a tokenizer, and this model has none", "prediction")
+        prediction = ctx.tokens.encode(body.prediction.text, add_special_tokens=False)
     if body.stop and ctx.tokens.tokenizer is None:
         raise bad_request("stop strings need a tokenizer, and this model has none", param="stop")
     n = body.choices_per_prompt
@@ -145,6 +150,7 @@ def submissions(
                     ),
                     logit_bias=body.token_bias or None,
                     min_tokens=body.min_tokens or 0,
+                    prediction=prediction,
                 )
             except ValueError as exc:
                 raise bad_request(str(exc)) from exc

@@ -42,6 +42,24 @@ class StreamOptions(_Body):
     continuous_usage_stats: StrictBool | None = False
 
 
+class PredictionPart(_Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Prediction(_Body):
+    """OpenAI's predicted output: text the completion is expected to mostly repeat."""
+
+    type: Literal["content"]
+    content: StrictStr | list[PredictionPart]
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
 class SamplingFields(_Body):
     """Fields shared by completions and chat completions."""
 
@@ -69,6 +87,8 @@ class SamplingFields(_Body):
     min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None  # vLLM's
     # Token ids as strings (JSON object keys), as OpenAI takes them.
     logit_bias: dict[str, Bias] | None = None
+    # Drafts copied from it first (prompt lookup), verified like any other: same output.
+    prediction: Prediction | None = None
 
     @field_validator("stop")
     @classmethod

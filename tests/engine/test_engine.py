@@ -645,6 +645,29 @@ def test_per_request_proposer_choice() -> None:
         SamplingParams(proposer="magic")
 
 
+@pytest.mark.parametrize("with_draft", [False, True], ids=["lookup-only", "lookup-and-draft"])
+def test_a_predicted_output_is_copied_and_verified(with_draft: bool) -> None:
+    target, unrelated = models("qwen2")
+    config = EngineConfig(gamma=4, max_slots=2, max_len=128, prompt_lookup=3)
+    eng = Engine(target, unrelated if with_draft else None, config)
+    prompt = PROMPTS[2]
+    want = hf_greedy("qwen2", (tuple(prompt),))[0]
+    rounds: list = []
+    eng.on_round = rounds.append
+    (exact,) = eng.generate([prompt], replace(GREEDY, prediction=want))
+    assert exact.token_ids == want
+    # The prediction is the output: its copies are all kept, a few rounds carry everything.
+    assert exact.stats.prediction_accepted >= NEW_TOKENS - 5
+    assert exact.stats.prediction_rejected <= 1 and len(rounds) <= 6
+    # A prediction that is partly wrong (an edit in the middle) changes nothing but speed.
+    edited = want[:8] + [(t + 1) % VOCAB for t in want[8:12]] + want[12:]
+    (result,) = eng.generate([prompt], replace(GREEDY, prediction=edited))
+    assert result.token_ids == want
+    assert result.stats.prediction_rejected > 0 and result.stats.prediction_accepted > 8
+    with pytest.raises(ValueError, match="prediction token ids"):
+        eng.add_request(prompt, replace(GREEDY, prediction=[VOCAB]))
+
+
 def test_draft_weights_are_validated() -> None:
     assert EngineConfig().draft_weights == "int4"
     for kind in ("bf16", "int8", "int4"):

@@ -61,3 +61,30 @@ def test_rejects_bad_sizes() -> None:
         PromptLookup(1, 2)
     with pytest.raises(ValueError):
         PromptLookup(3, 0)
+
+
+def test_a_prediction_is_proposed_first_from_where_the_context_ends() -> None:
+    lookup = _lookup([7, 8, 9, 1, 2])
+    lookup.predict([7, 8, 9, 1, 2], [30, 31, 32, 33])
+    # The context's last tokens lead into the prediction's start, though it never occurred.
+    assert lookup.propose(3) == [30, 31, 32] and lookup.proposed_from_prediction
+    lookup.extend([30, 31])
+    assert lookup.propose(5) == [32, 33]
+    # No match in the prediction: the context's own n-grams still serve.
+    lookup.extend([7, 8])
+    assert lookup.propose(2) == [9, 1] and not lookup.proposed_from_prediction
+
+
+def test_a_prediction_is_walked_forward_through_its_repeats() -> None:
+    prediction = [1, 2, 3, 50, 1, 2, 3, 60, 1, 2, 3, 70]
+    lookup = _lookup([9, 9])
+    lookup.predict([9, 9], prediction)
+    assert lookup.propose(3) == [1, 2, 3]
+    lookup.extend([1, 2, 3])
+    assert lookup.propose(2) == [50, 1]  # the first occurrence, not the latest
+    lookup.extend([50, 1, 2, 3])
+    assert lookup.propose(2) == [60, 1]  # then the one after it
+    lookup.extend([60, 1, 2, 3])
+    assert lookup.propose(2) == [70]
+    lookup.extend([80, 1, 2, 3])  # the output left the prediction: the latest occurrence serves
+    assert lookup.propose(2) == [70]

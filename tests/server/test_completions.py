@@ -162,6 +162,36 @@ def test_penalties_and_logit_bias_reach_the_engine(
     assert chat.choices[0].message.content == reference.tokenizer.decode([token] * 6)
 
 
+def test_a_predicted_output_changes_nothing_but_is_counted(
+    server: RunningServer, reference: Engine
+) -> None:
+    client = server.client()
+    messages = [{"role": "user", "content": "hi there"}]
+    plain = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=24, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    text = plain.choices[0].message.content
+    assert plain.usage.completion_tokens_details is None  # only with a prediction
+    predicted = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=24, temperature=0,
+        prediction={"type": "content", "content": text}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert predicted.choices[0].message.content == text
+    details = predicted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens >= 12
+    assert details.rejected_prediction_tokens is not None
+    # As a list of text parts, on the completions route too.
+    completion = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=16, temperature=0,
+        extra_body={"ignore_eos": True, "prediction": {"type": "content", "content": [
+            {"type": "text", "text": "nothing like it"}]}},
+    )  # fmt: skip
+    expected = reference_run(reference, "hello", max_tokens=16, temperature=0, ignore_eos=True)
+    assert completion.choices[0].text == expected.text
+    assert completion.usage.completion_tokens_details is not None
+
+
 def test_min_p_reaches_the_engine(server: RunningServer, reference: Engine) -> None:
     params = {"max_tokens": 24, "temperature": 1.0, "seed": 5, "ignore_eos": True}
     result = server.client().completions.create(

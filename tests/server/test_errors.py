@@ -21,6 +21,7 @@ CASES = [  # (route, body, status, words the message must contain)
     (COMPLETIONS, {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     (COMPLETIONS, {"prompt": "hi", "top_k": -2}, 400, "top_k"),
     (COMPLETIONS, {"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
+    (CHAT, {"messages": USER, "prediction": {"type": "file", "content": "x"}}, 400, "prediction"),
     (COMPLETIONS, {"prompt": "hi", "gamma": -1}, 400, "gamma"),
     (COMPLETIONS, {"prompt": "hi", "gamma": 1.5}, 400, "gamma"),
     (COMPLETIONS, {"prompt": "hi", "n": 0}, 400, "n: "),
