@@ -12,6 +12,9 @@ CLI_DRAFT_HEAD = 128  # of the window: 128 + the latest 128
 # The command line's restricted draft head (draft_vocab): on the default pair a draft step 16 %
 # cheaper for about the same acceptance (README, "--draft-vocab").
 CLI_DRAFT_VOCAB = 32768
+# The command line's prompt lookup (longest n-gram); also what a request's predicted output is
+# looked up with where the engine's own lookup is off.
+CLI_PROMPT_LOOKUP = 3
 
 
 def cache_dir() -> Path:

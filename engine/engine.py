@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine import calibration, cpu_attention, cpu_linear
-from engine.config import EngineConfig, SamplingParams
+from engine.config import CLI_PROMPT_LOOKUP, EngineConfig, SamplingParams
 from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
 from engine.device import to_device
@@ -32,9 +32,6 @@ from engine.stats import EngineStats, RoundRecord
 from engine.verifier import verify
 
 log = logging.getLogger("specserve.engine")
-# The n-gram sizes a request's predicted output is looked up with where the engine's prompt
-# lookup is off (the command line's default size).
-DEFAULT_LOOKUP = 3
 
 
 Row = TypeVar("Row")  # what padding_groups sorts: requests, or (request, size) pairs
@@ -325,7 +322,7 @@ class Engine:
                 and request.params.proposer != "draft"
             ):
                 # A predicted output turns lookup on for its request even where it is off.
-                size = self.config.prompt_lookup or DEFAULT_LOOKUP
+                size = self.config.prompt_lookup or CLI_PROMPT_LOOKUP
                 request.lookup = PromptLookup(size, min(2, size))
                 request.lookup.extend(request.prompt_token_ids)
                 if prediction:

@@ -60,8 +60,9 @@ class PromptLookup:
         self._indexed = max(self._indexed, end + 1)
 
     def propose(self, limit: int) -> list[int]:
-        """Up to ``limit`` tokens that followed the latest earlier occurrence of the longest
-        matching suffix; empty when no suffix of a tracked size occurred before."""
+        """Up to ``limit`` tokens that followed the longest matching suffix: in the predicted
+        output if there is one and it matches there, else at the suffix's latest earlier
+        occurrence in the context; empty when no suffix of a tracked size occurred before."""
         self.proposed_from_prediction = False
         if limit <= 0:
             return []

@@ -14,6 +14,7 @@ from engine.config import (
     CLI_DRAFT_HEAD,
     CLI_DRAFT_VOCAB,
     CLI_DRAFT_WINDOW,
+    CLI_PROMPT_LOOKUP,
     DRAFT_WEIGHTS,
     EngineConfig,
     SamplingParams,
@@ -94,7 +95,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     _int_option(
         group,
         "--prompt-lookup",
-        3,
+        CLI_PROMPT_LOOKUP,
         "longest n-gram prompt lookup matches (free drafts copied from the context, used "
         "per row when they promise more than the draft model; 0 = off)",
     )

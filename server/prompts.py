@@ -103,7 +103,8 @@ def submissions(
             f"stop_token_ids must be below the vocabulary size {engine.vocab_size}",
             param="stop_token_ids",
         )
-    if any(t >= engine.vocab_size for t in body.token_bias):
+    token_bias = body.token_bias
+    if any(t >= engine.vocab_size for t in token_bias):
         raise bad_request(
             f"logit_bias token ids must be below the vocabulary size {engine.vocab_size}",
             param="logit_bias",
@@ -148,7 +149,7 @@ def submissions(
                     repetition_penalty=(
                         1.0 if body.repetition_penalty is None else body.repetition_penalty
                     ),
-                    logit_bias=body.token_bias or None,
+                    logit_bias=token_bias or None,
                     min_tokens=body.min_tokens or 0,
                     prediction=prediction,
                 )
