@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from engine.request import RequestOutput
 from server.async_engine import EngineFailure, RequestStream
 from server.context import ServerContext, get_context
 from server.errors import error_body
@@ -20,20 +21,46 @@ from server.openapi import ChatCompletionResponse, generation
 from server.prompts import Prompt, chat_prompt, submissions
 from server.protocol import ChatCompletionRequest
 from server.sse import DONE, EventStream
+from server.tools import ToolCallStream, finish_reason, forced_prefix, parse_tool_calls
 
 router = APIRouter()
+
+
+def _message(body: ChatCompletionRequest, choice: Choice) -> tuple[dict[str, Any], str | None]:
+    """A finished choice's assistant message, and its finish reason."""
+    if not body.tools_active:
+        return {"role": "assistant", "content": choice.text}, choice.finish_reason
+    # The parser reads the answer as the model saw it: after any forced start of a call.
+    parsed = parse_tool_calls(forced_prefix(body.tool_choice) + choice.text)
+    if not parsed.calls:
+        return {"role": "assistant", "content": parsed.content}, choice.finish_reason
+    message = {"role": "assistant", "content": parsed.content or None, "tool_calls": parsed.calls}
+    return message, finish_reason(choice.finish_reason, called=True)
 
 
 def _choice(ctx: ServerContext, body: ChatCompletionRequest, choice: Choice) -> dict[str, Any]:
     logprobs = None
     if body.logprobs:
         logprobs = {"content": chat_logprobs(ctx.tokens, choice.logprobs)}
+    message, reason = _message(body, choice)
     return {
         "index": choice.index,
-        "message": {"role": "assistant", "content": choice.text},
+        "message": message,
         "logprobs": logprobs,
-        "finish_reason": choice.finish_reason,
+        "finish_reason": reason,
     }
+
+
+def _tool_delta(reader: ToolCallStream, output: RequestOutput) -> dict[str, Any]:
+    """The content and the calls that became ready with this output (OpenAI's delta shape)."""
+    first = len(reader.calls)
+    ready = reader.feed(output.new_text, last=output.finished)
+    delta: dict[str, Any] = {}
+    if ready.content:
+        delta["content"] = ready.content
+    if ready.calls:
+        delta["tool_calls"] = [{"index": first + i, **call} for i, call in enumerate(ready.calls)]
+    return delta
 
 
 async def _events(
@@ -51,6 +78,9 @@ async def _events(
             result["usage"] = usage(choices, prompts)
         return result
 
+    # One reader per choice, each already past any forced start of a call.
+    prefix = forced_prefix(body.tool_choice)
+    readers = [ToolCallStream(prefix) for _ in choices] if body.tools_active else None
     try:
         # The role goes first, before any model work, so clients see the response start at once.
         for choice in choices:
@@ -58,14 +88,20 @@ async def _events(
         async for index, output in stream:
             choice = choices[index]
             choice.add(output)
+            reason = choice.finish_reason
+            if readers is None:
+                delta = {"content": output.new_text} if output.new_text else {}
+            else:
+                delta = _tool_delta(readers[index], output)
+                reason = finish_reason(reason, called=bool(readers[index].calls))
             wants_logprobs = bool(body.logprobs and output.new_logprobs)
-            if not (output.new_text or output.finished or wants_logprobs):
-                continue  # tokens held back (a possible stop string, an incomplete character)
-            delta = {"content": output.new_text} if output.new_text else {}
+            if not (delta or output.finished or wants_logprobs):
+                # Held back: a possible stop string, an incomplete character, a possible call.
+                continue
             logprobs = None
             if body.logprobs:
                 logprobs = {"content": chat_logprobs(ctx.tokens, output.new_logprobs or [])}
-            yield chunk(index, delta, logprobs=logprobs, finish_reason=choice.finish_reason)
+            yield chunk(index, delta, logprobs=logprobs, finish_reason=reason)
         if body.include_usage:
             final = {**head, "choices": [], "usage": usage(choices, prompts)}
             yield with_metrics(final, choices, ctx.engine.gamma)

@@ -57,9 +57,21 @@ class CompletionResponse(_Open):
     metrics: dict[str, Any] | None = None
 
 
+class CalledFunction(_Open):
+    name: str
+    arguments: str  # JSON, as the model wrote it: validate it before use
+
+
+class AssistantToolCall(_Open):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(_Open):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # null only when the message calls tools
+    tool_calls: list[AssistantToolCall] | None = None
 
 
 class ChatChoice(_Open):
@@ -201,6 +213,7 @@ def _declare_limits(schemas: dict[str, Any], ctx: ServerContext) -> None:
     _update(prompt, _is("array"), minItems=1)
     _update(prompt, _token_list, maxItems=most_tokens)
     _update(schemas["CompletionRequest"]["properties"]["suffix"], _is("string"), maxLength=0)
+    _update(schemas["ResponseFormat"]["properties"]["type"], _is("string"), enum=["text"])
     _update(schemas["DetokenizeRequest"]["properties"]["tokens"], _is("integer"), maximum=top_token)
 
 

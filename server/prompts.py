@@ -14,6 +14,7 @@ from server.context import ServerContext
 from server.errors import bad_request
 from server.limits import check_limits
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.tools import forced_prefix
 
 _INT64 = 2**63
 
@@ -56,7 +57,10 @@ def chat_prompt(body: ChatCompletionRequest, ctx: ServerContext) -> Prompt:
         add_generation_prompt=bool(body.add_generation_prompt),
         continue_final_message=bool(body.continue_final_message),
         template_kwargs=body.chat_template_kwargs,
+        tools=body.template_tools,
     )
+    # A forced tool_choice opens the call in the assistant's turn; the model continues it.
+    text += forced_prefix(body.tool_choice)
     # The template already wrote any BOS it wants; adding special tokens again would double it.
     prompt = Prompt(ctx.tokens.encode(text, add_special_tokens=False))
     _check(prompt, ctx, "the chat prompt")

@@ -2,11 +2,13 @@
 
 Unknown fields are ignored, because real clients send more than the spec. Known fields are strict
 (``false`` is not an integer, ``"0.5"`` is not a number), and OpenAI parameters this server cannot
-honour (``suffix``, ``best_of`` other than n) are refused rather than silently ignored.
+honour (``suffix``, ``best_of`` other than n, a JSON ``response_format``) are refused rather than
+silently ignored.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -17,6 +19,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -160,13 +163,50 @@ class ContentPart(_Body):
         return self
 
 
+class FunctionCall(_Body):
+    name: StrictStr
+    # OpenAI sends a JSON string; a few clients send the object itself.
+    arguments: StrictStr | dict[str, Any]
+
+    def for_template(self) -> dict[str, Any]:
+        # Templates write the arguments with `| tojson` (Qwen2.5 does): a JSON string would come
+        # out quoted, unlike the object the model was taught and answered with.
+        arguments = self.arguments
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments)
+            except ValueError:
+                parsed = None
+            # Anything but an object stays the client's string: rendered as sent, not refused,
+            # since a model's own odd arguments may come back in the history.
+            if isinstance(parsed, dict):
+                arguments = parsed
+        return {"name": self.name, "arguments": arguments}
+
+
+class ToolCall(_Body):
+    """A call an assistant message of the history made (OpenAI's ``tool_calls`` entries)."""
+
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def for_template(self) -> dict[str, Any]:
+        call = {"type": self.type, "function": self.function.for_template()}
+        if self.id is not None:
+            call["id"] = self.id
+        return call
+
+
 class ChatMessage(BaseModel):
-    # Extra keys (tool_calls, tool_call_id, ...) pass through to the chat template.
+    # Other extra keys pass through to the chat template.
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: StrictStr | None = None
 
     def for_template(self) -> dict[str, Any]:
         message = self.model_dump(exclude_none=True)
@@ -174,7 +214,38 @@ class ChatMessage(BaseModel):
             message["content"] = "\n".join(part.text or "" for part in self.content)
         elif self.content is None:
             message["content"] = ""
+        if self.tool_calls is not None:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
         return message
+
+
+class FunctionDefinition(_Body):
+    name: Annotated[StrictStr, Field(min_length=1)]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema, passed to the template as is
+    strict: StrictBool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: StrictStr
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatTemplateFields(_Body):
@@ -195,12 +266,63 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_completion_tokens: PositiveInt | None = None
     logprobs: StrictBool | None = False
     top_logprobs: TopN | None = None
+    # Declared before tool_choice, whose validator reads them (pydantic validates in order).
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    # Accepted for compatibility: the model may answer with several calls either way.
+    parallel_tool_calls: StrictBool | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    # Field validators rather than a model validator, so the 400 names the field as its param.
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_fits_tools(
+        cls, value: str | NamedToolChoice | None, info: ValidationInfo
+    ) -> str | NamedToolChoice | None:
+        if value is None or value == "none" or "tools" not in info.data:
+            return value  # when tools itself is invalid, that is the error to report
+        names = [tool.function.name for tool in info.data["tools"] or []]
+        if not names:
+            raise ValueError("only 'none' works without tools: send tools or omit tool_choice")
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(
+                f"names function {value.function.name!r}, which is not among the tools "
+                f"({', '.join(map(repr, names))})"
+            )
+        if value != "auto" and not info.data.get("add_generation_prompt"):
+            # A forced call is written as the start of a new assistant turn.
+            raise ValueError(
+                "a required or named choice needs add_generation_prompt (and no "
+                "continue_final_message)"
+            )
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type != "text":
+            raise ValueError(
+                f"type {value.type!r} is not supported by this server (it has no guided "
+                "decoding): omit response_format or use type 'text'"
+            )
+        return value
+
+    @property
+    def tools_active(self) -> bool:
+        """Whether the tools reach the model and its answer is read for tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        if not self.tools_active:
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or []]
 
     @property
     def max_tokens_limit(self) -> int | None:

@@ -55,19 +55,23 @@ class TokenText:
         add_generation_prompt: bool,
         continue_final_message: bool,
         template_kwargs: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         tokenizer = self._require()
         if not tokenizer.chat_template:
             raise bad_request(
                 "this model has no chat template: use /v1/completions with a plain prompt"
             )
+        kwargs = dict(template_kwargs or {})
+        if tools is not None:
+            kwargs["tools"] = tools  # the request's own field wins over a template kwarg
         try:
             return tokenizer.apply_chat_template(
                 messages,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
-                **(template_kwargs or {}),
+                **kwargs,
             )
         except (TemplateError, ValueError, TypeError, KeyError) as exc:
             raise bad_request(f"cannot apply the chat template to these messages: {exc}") from exc
