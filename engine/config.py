@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROPOSERS = ("auto", "draft", "ngram")
+# What a request's output may be constrained to (engine/grammar.py): a JSON schema, any JSON
+# object, a regular expression, one of a list of strings (JSON text), a Lark or GBNF grammar.
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 DRAFT_WEIGHTS = ("bf16", "int8", "int4")  # the weights a draft may decode on (cpu_linear)
 # The command line's draft context (serve, generate, bench): see draft_window and draft_head.
 CLI_DRAFT_WINDOW = 256
@@ -131,6 +134,22 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
 
 
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on a request's output: ``kind`` one of GRAMMAR_KINDS, ``text`` its source
+    (the schema as JSON text, the regex, the JSON list of choices, the Lark or GBNF grammar;
+    ignored for json_object)."""
+
+    kind: str
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise ValueError(
+                f"grammar kind must be one of {', '.join(GRAMMAR_KINDS)}, got {self.kind!r}"
+            )
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings (OpenAI semantics; temperature 0 means greedy)."""
@@ -165,6 +184,9 @@ class SamplingParams:
     # OpenAI's predicted outputs: token ids the output is expected to mostly repeat (a file
     # being edited). Prompt lookup copies from them first; the target verifies as ever.
     prediction: list[int] | None = None
+    # Structured output: only text the grammar accepts is generated, and the request stops
+    # when the grammar is complete (engine/grammar.py).
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -20,6 +20,7 @@ from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
 from engine.device import to_device
 from engine.gamma import CostModel, OutputLengths
+from engine.grammar import GrammarCompiler, advance, constrain
 from engine.logprobs import prompt_logprobs, token_logprobs
 from engine.ngram import PromptLookup
 from engine.penalties import PenaltyState
@@ -164,6 +165,7 @@ class Engine:
             self.target.prefill_attention = "sdpa"
         self.vocab_size = self.target.vocab_size
         self.processor = OutputProcessor(tokenizer, _eos_ids(target, tokenizer))
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.processor.eos_token_ids)
         self.penalties = PenaltyState(
             config.max_slots, self.vocab_size, self.target.device, self.processor.eos_token_ids
         )
@@ -241,6 +243,7 @@ class Engine:
             raise ValueError(f"logit_bias token ids must be below {self.vocab_size}")
         if params.prediction and any(not 0 <= t < self.vocab_size for t in params.prediction):
             raise ValueError(f"prediction token ids must be in [0, {self.vocab_size})")
+        matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         gamma = self.gamma if params.gamma is None else min(params.gamma, self.gamma)
         request = Request(
             request_id=request_id or uuid.uuid4().hex,
@@ -250,6 +253,7 @@ class Engine:
             gamma=gamma,
             max_new_tokens=min(params.max_tokens, self.max_len - len(token_ids)),
             prompt_logprobs_pending=params.prompt_logprobs is not None,
+            matcher=matcher,
         )
         if len(token_ids) == 1 and request.prompt_logprobs_pending:
             request.prompt_logprobs_cache = [None]
@@ -486,6 +490,16 @@ class Engine:
         target_logits = self.target.forward(verify_batch, output="all")
         # Penalties and bias shape what is sampled; logprobs report the model's own logits.
         scored = sampling.penalise(target_logits, draft_tokens)
+        constrained = [i for i, r in enumerate(batch) if r.matcher is not None]
+        if constrained:
+            proposed = draft_tokens[constrained].tolist()
+            scored = constrain(
+                scored,
+                target_logits,
+                constrained,
+                [batch[i].matcher for i in constrained],
+                [proposed[j][: row_gamma[i]] for j, i in enumerate(constrained)],
+            )
         target_probs = None if sampling.all_greedy else sampling.warp(scored)
         verdict = verify(
             draft_tokens,
@@ -538,7 +552,14 @@ class Engine:
                 estimate.observe(row_gamma[index], accepted)
             if stats.first_token_time is None:
                 stats.first_token_time = time.monotonic()
-            tokens, text = self.processor.append(request, host[index][: accepted + 1])
+            emitted = host[index][: accepted + 1]
+            if request.matcher is not None:
+                emitted, complete = advance(request.matcher, emitted)
+                if complete:
+                    # Nothing can follow: the request ends here, EOS or not (the detokenizer
+                    # then hands out any text it was holding back).
+                    request.finish_reason = "stop"
+            tokens, text = self.processor.append(request, emitted)
             if request.lookup is not None:
                 request.lookup.extend(request.tokens_from(len(request.lookup.tokens)))
             emitted_counts.append(len(tokens))

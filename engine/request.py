@@ -3,10 +3,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from engine.config import SamplingParams
 from engine.gamma import AcceptanceEstimate
 from engine.ngram import PromptLookup
+
+if TYPE_CHECKING:
+    import llguidance
 
 
 class Status(Enum):
@@ -112,6 +116,8 @@ class Request:
     # outside_scanned tokens.
     outside_ids: set[int] = field(default_factory=set)
     outside_scanned: int = 0
+    # Structured output: where the grammar stands after the emitted tokens (engine/grammar.py).
+    matcher: llguidance.LLMatcher | None = None
 
     @property
     def token_ids(self) -> list[int]:

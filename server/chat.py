@@ -18,7 +18,7 @@ from server.errors import error_body
 from server.generation import Choice, complete, make_choices, submit, usage, with_metrics
 from server.logprobs import chat_logprobs
 from server.openapi import ChatCompletionResponse, generation
-from server.prompts import Prompt, chat_prompt, submissions
+from server.prompts import Prompt, chat_prompt, structured_output, submissions
 from server.protocol import ChatCompletionRequest
 from server.sse import DONE, EventStream
 from server.tools import ToolCallStream, finish_reason, forced_prefix, parse_tool_calls
@@ -121,6 +121,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     model = ctx.check_model(body.model)
     prompt = await run_in_threadpool(chat_prompt, body, ctx)
     prompts = [prompt]
+    grammar = await run_in_threadpool(structured_output, body, ctx)
     subs = submissions(
         body,
         prompts,
@@ -129,6 +130,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         explicit=body.max_tokens_limit is not None,
         max_tokens_param="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
         logprobs=body.logprobs_top_n,
+        grammar=grammar,
     )
     stream = submit(ctx, subs, arrival)
     choices = make_choices(prompts, body.choices_per_prompt, body.prediction is not None)

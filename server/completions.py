@@ -18,7 +18,7 @@ from server.errors import error_body
 from server.generation import Choice, complete, make_choices, submit, usage, with_metrics
 from server.logprobs import CompletionLogprobs
 from server.openapi import CompletionResponse, generation
-from server.prompts import Prompt, completion_prompts, submissions
+from server.prompts import Prompt, completion_prompts, structured_output, submissions
 from server.protocol import CompletionRequest
 from server.sse import DONE, EventStream
 
@@ -104,6 +104,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     model = ctx.check_model(body.model)
     prompts = await run_in_threadpool(completion_prompts, body, ctx)
     wants_prompt_logprobs = body.echo and body.logprobs is not None
+    grammar = await run_in_threadpool(structured_output, body, ctx)
     subs = submissions(
         body,
         prompts,
@@ -113,6 +114,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         max_tokens_param="max_tokens",
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if wants_prompt_logprobs else None,
+        grammar=grammar,
     )
     stream = submit(ctx, subs, arrival)
     choices = make_choices(prompts, body.choices_per_prompt, body.prediction is not None)

@@ -213,7 +213,6 @@ def _declare_limits(schemas: dict[str, Any], ctx: ServerContext) -> None:
     _update(prompt, _is("array"), minItems=1)
     _update(prompt, _token_list, maxItems=most_tokens)
     _update(schemas["CompletionRequest"]["properties"]["suffix"], _is("string"), maxLength=0)
-    _update(schemas["ResponseFormat"]["properties"]["type"], _is("string"), enum=["text"])
     _update(schemas["DetokenizeRequest"]["properties"]["tokens"], _is("integer"), maximum=top_token)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import SamplingParams
+from engine.config import GrammarSpec, SamplingParams
 from server.async_engine import Submission
 from server.context import ServerContext
 from server.errors import bad_request
@@ -67,6 +67,21 @@ def chat_prompt(body: ChatCompletionRequest, ctx: ServerContext) -> Prompt:
     return prompt
 
 
+def structured_output(body: SamplingFields, ctx: ServerContext) -> GrammarSpec | None:
+    """The request's grammar, compiled once here (off the event loop and the engine thread:
+    the first one also builds the tokenizer's matcher tables, a second or more) so an invalid
+    one is a 400 and the engine gets it from the compiled cache."""
+    spec = body.grammar
+    if spec is None:
+        return None
+    param = "structured_outputs" if body.structured_outputs is not None else "response_format"
+    try:
+        ctx.engine.grammars.matcher(spec)
+    except ValueError as exc:
+        raise bad_request(str(exc), param=param) from exc
+    return spec
+
+
 def _max_tokens(
     requested: int | None, explicit: bool, param: str, prompt_len: int, max_len: int
 ) -> int:
@@ -99,6 +114,7 @@ def submissions(
     max_tokens_param: str,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    grammar: GrammarSpec | None = None,
 ) -> list[Submission]:
     """``n`` engine requests per prompt, in OpenAI's choice order (prompt-major)."""
     engine = ctx.engine
@@ -156,6 +172,7 @@ def submissions(
                     logit_bias=token_bias or None,
                     min_tokens=body.min_tokens or 0,
                     prediction=prediction,
+                    grammar=grammar,
                 )
             except ValueError as exc:
                 raise bad_request(str(exc)) from exc

@@ -2,8 +2,7 @@
 
 Unknown fields are ignored, because real clients send more than the spec. Known fields are strict
 (``false`` is not an integer, ``"0.5"`` is not a number), and OpenAI parameters this server cannot
-honour (``suffix``, ``best_of`` other than n, a JSON ``response_format``) are refused rather than
-silently ignored.
+honour (``suffix``, ``best_of`` other than n) are refused rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from engine.config import GrammarSpec
 
 MAX_LOGPROBS = 20
 _INT64 = 2**63
@@ -63,6 +64,75 @@ class Prediction(_Body):
         return "".join(part.text for part in self.content)
 
 
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+
+
+class JsonSchemaFormat(_Body):
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    # "schema" would shadow a BaseModel attribute: the wire name is an alias.
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs json_schema: {name, schema}")
+        return self
+
+
+class StructuredOutputs(_Body):
+    """vLLM's ``structured_outputs``: exactly one constraint."""
+
+    json_: dict[str, Any] | StrictStr | None = Field(None, alias="json")
+    regex: StrictStr | None = None
+    choice: (
+        Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)] | None
+    ) = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [
+            name
+            for name, value in (
+                ("json", self.json_),
+                ("regex", self.regex),
+                ("choice", self.choice),
+                ("grammar", self.grammar),
+                ("json_object", self.json_object or None),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of json, regex, choice, grammar, json_object"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    @property
+    def spec(self) -> GrammarSpec:
+        if self.json_ is not None:
+            schema = self.json_ if isinstance(self.json_, str) else json.dumps(self.json_)
+            return GrammarSpec("json_schema", schema)
+        if self.regex is not None:
+            return GrammarSpec("regex", self.regex)
+        if self.choice is not None:
+            return GrammarSpec("choice", json.dumps(self.choice))
+        if self.grammar is not None:
+            return GrammarSpec("grammar", self.grammar)
+        return GrammarSpec("json_object")
+
+
 class SamplingFields(_Body):
     """Fields shared by completions and chat completions."""
 
@@ -92,6 +162,29 @@ class SamplingFields(_Body):
     logit_bias: dict[str, Bias] | None = None
     # Drafts copied from it first (prompt lookup), verified like any other: same output.
     prediction: Prediction | None = None
+    # Structured output, OpenAI's way or vLLM's (engine/grammar.py): at most one of the two.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @model_validator(mode="after")
+    def _one_structured_output(self) -> SamplingFields:
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text" and self.structured_outputs is not None:
+            raise ValueError("send response_format or structured_outputs, not both")
+        return self
+
+    @property
+    def grammar(self) -> GrammarSpec | None:
+        """What the output is constrained to, if anything."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.spec
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return GrammarSpec("json_object")
+        assert fmt.json_schema is not None
+        return GrammarSpec("json_schema", json.dumps(fmt.json_schema.schema_))
 
     @field_validator("stop")
     @classmethod
@@ -243,11 +336,6 @@ class NamedToolChoice(_Body):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 class ChatTemplateFields(_Body):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: StrictBool | None = True
@@ -271,7 +359,6 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     tool_choice: ToolChoice | None = None
     # Accepted for compatibility: the model may answer with several calls either way.
     parallel_tool_calls: StrictBool | None = None
-    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:
@@ -303,15 +390,15 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
             )
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type != "text":
+    @model_validator(mode="after")
+    def _tools_or_structured_output(self) -> ChatCompletionRequest:
+        if self.tools_active and self.grammar is not None:
+            # A call is the model's own format (<tool_call> blocks), not the requested one.
             raise ValueError(
-                f"type {value.type!r} is not supported by this server (it has no guided "
-                "decoding): omit response_format or use type 'text'"
+                "tools and a structured output exclude each other: send tool_choice 'none' "
+                "or drop response_format / structured_outputs"
             )
-        return value
+        return self
 
     @property
     def tools_active(self) -> bool:
