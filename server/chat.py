@@ -21,7 +21,13 @@ from server.openapi import ChatCompletionResponse, generation
 from server.prompts import Prompt, chat_prompt, structured_output, submissions
 from server.protocol import ChatCompletionRequest
 from server.sse import DONE, EventStream
-from server.tools import ToolCallStream, finish_reason, forced_prefix, parse_tool_calls
+from server.tools import (
+    ToolCallStream,
+    finish_reason,
+    forced_grammar,
+    forced_prefix,
+    parse_tool_calls,
+)
 
 router = APIRouter()
 
@@ -121,7 +127,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     model = ctx.check_model(body.model)
     prompt = await run_in_threadpool(chat_prompt, body, ctx)
     prompts = [prompt]
-    grammar = await run_in_threadpool(structured_output, body, ctx)
+    forced = forced_grammar(body.tool_choice, body.tools or []) if body.tools_active else None
+    grammar = await run_in_threadpool(structured_output, body, ctx, forced)
     subs = submissions(
         body,
         prompts,

@@ -67,14 +67,22 @@ def chat_prompt(body: ChatCompletionRequest, ctx: ServerContext) -> Prompt:
     return prompt
 
 
-def structured_output(body: SamplingFields, ctx: ServerContext) -> GrammarSpec | None:
-    """The request's grammar, compiled once here (off the event loop and the engine thread:
-    the first one also builds the tokenizer's matcher tables, a second or more) so an invalid
-    one is a 400 and the engine gets it from the compiled cache."""
-    spec = body.grammar
+def structured_output(
+    body: SamplingFields, ctx: ServerContext, forced: GrammarSpec | None = None
+) -> GrammarSpec | None:
+    """The request's grammar (``forced``: a forced tool call's), compiled once here (off the
+    event loop and the engine thread: the first one also builds the tokenizer's matcher tables,
+    a second or more) so an invalid one is a 400 and the engine gets it from the compiled
+    cache."""
+    spec = forced or body.grammar
     if spec is None:
         return None
-    param = "structured_outputs" if body.structured_outputs is not None else "response_format"
+    if forced is not None:
+        param = "tools"
+    elif body.structured_outputs is not None:
+        param = "structured_outputs"
+    else:
+        param = "response_format"
     try:
         ctx.engine.grammars.matcher(spec)
     except ValueError as exc:

@@ -12,8 +12,10 @@ call's block is dropped from the content (it only separated the blocks). A block
 first ``</tool_call>``, even one inside a JSON string. Names are not checked against the
 request's tools: a client that wants that checks them, as it must with OpenAI.
 
-Calls are not grammar-constrained: a forced ``tool_choice`` only writes the start of a block into
-the prompt (``forced_prefix``), and the model is trusted to continue it as JSON.
+A forced ``tool_choice`` (``"required"`` or a named function) writes the start of a block into
+the prompt (``forced_prefix``) and constrains the rest (``forced_grammar``): a tool's name, then
+arguments valid for its ``parameters`` schema, then the closing brace, after which the answer
+ends. With ``"auto"`` nothing is constrained: the model chooses whether and how to call.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.protocol import NamedToolChoice
+from engine.config import GrammarSpec
+from server.protocol import NamedToolChoice, Tool
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -49,6 +52,35 @@ def forced_prefix(tool_choice: str | NamedToolChoice | None) -> str:
         name = json.dumps(tool_choice.function.name, ensure_ascii=False)
         return f'{OPEN}\n{{"name": {name}, "arguments":'
     return ""
+
+
+# A call's arguments as Qwen's template and json.dumps write them: one space after ":" and ",".
+_ARGUMENT_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def forced_grammar(
+    tool_choice: str | NamedToolChoice | None, tools: list[Tool]
+) -> GrammarSpec | None:
+    """What may follow ``forced_prefix``: (with "required") one of the tools' names and the
+    arguments key, then arguments valid for that tool's parameters, then the closing brace. A
+    Lark grammar for llguidance, whose ``%json`` embeds a JSON schema."""
+    if tool_choice == "required":
+        chosen, named = tools, False
+    elif isinstance(tool_choice, NamedToolChoice):
+        chosen = [t for t in tools if t.function.name == tool_choice.function.name]
+        named = True
+    else:
+        return None
+    rules = []
+    for index, tool in enumerate(chosen):
+        # The prefix opened the name's string ("required") or wrote up to "arguments": (named).
+        head = "" if named else json.dumps(json.dumps(tool.function.name)[1:] + ', "arguments":')
+        schema = dict(tool.function.parameters or {"type": "object"})
+        schema["x-guidance"] = _ARGUMENT_LAYOUT
+        rules.append(f'call_{index}: {head} " "? args_{index} "}}"')
+        rules.append(f"args_{index}: %json {json.dumps(schema)}")
+    start = "start: " + " | ".join(f"call_{index}" for index in range(len(chosen)))
+    return GrammarSpec("grammar", "\n".join([start, *rules]))
 
 
 def finish_reason(reason: str | None, called: bool) -> str | None:

@@ -79,8 +79,9 @@ def test_real_pair_calls_a_tool(real_server: RunningServer) -> None:
         messages=[{"role": "user", "content": "What is the weather like in Paris today?"}],
         tools=[weather],
         # With "auto" the 1.5B coder answers this in a ```json fence rather than a <tool_call>
-        # block (seen 2026-12-03), so the call is forced: the model writes the arguments.
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        # block (seen 2026-12-03), so the call is forced: the grammar holds it to a tool's
+        # name and valid arguments, the model picks them.
+        tool_choice="required",
         max_tokens=48,
         temperature=0,
     )
@@ -89,3 +90,27 @@ def test_real_pair_calls_a_tool(real_server: RunningServer) -> None:
     [call] = choice.message.tool_calls
     assert call.function.name == "get_weather"
     assert "Paris" in json.loads(call.function.arguments)["city"]
+
+
+@pytest.mark.real
+def test_real_pair_answers_in_the_requested_json_schema(real_server: RunningServer) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "year": {"type": "integer"}},
+        "required": ["name", "year"],
+        "additionalProperties": False,
+    }
+    result = real_server.client(timeout=300).chat.completions.create(
+        model=real_server.context.config.model_name,
+        messages=[{"role": "user", "content": "Name the Python language and its first year."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        max_tokens=48,
+        temperature=0,
+    )
+    [choice] = result.choices
+    assert choice.finish_reason == "stop", choice.message
+    answer = json.loads(choice.message.content)
+    assert set(answer) == {"name", "year"} and "Python" in answer["name"]
+    assert isinstance(answer["year"], int)
+    spec = result.model_extra["metrics"]["speculative_decoding"]
+    assert spec["num_accepted_draft_tokens"] > 0

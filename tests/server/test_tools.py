@@ -15,10 +15,19 @@ import pytest
 from engine.engine import Engine
 from engine.request import RequestOutput, RequestStats
 from server import chat
-from server.protocol import NamedToolChoice
-from server.tools import Parsed, ToolCallStream, finish_reason, forced_prefix, parse_tool_calls
+from server.protocol import NamedToolChoice, Tool
+from server.tools import (
+    Parsed,
+    ToolCallStream,
+    finish_reason,
+    forced_grammar,
+    forced_prefix,
+    parse_tool_calls,
+)
 from tests.server.conftest import MODEL, RunningServer, make_engine, reference_run, serve
 from tests.server.test_completions import GREEDY
+
+GREEDY_PARAMS = {"temperature": 0, "ignore_eos": True}
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "weather in Paris?"}]
@@ -280,13 +289,80 @@ def test_tools_and_the_forced_start_of_a_call_reach_the_model(
         model=MODEL, messages=USER, tools=[WEATHER], max_tokens=6, **choice, **GREEDY
     )
     ids = prompt_ids(reference, f"{TOOLS_TEXT}<s>user: weather in Paris?<s>assistant:{prefix}")
-    # The same ids give the same greedy answer: the prompt was exactly this text.
-    expected = reference_run(reference, ids, max_tokens=6, temperature=0, ignore_eos=True)
+    # The same ids (and, when forced, the call's grammar) give the same greedy answer: the
+    # prompt was exactly this text.
+    grammar = forced_grammar(
+        tool_choice if tool_choice != NAMED else NamedToolChoice.model_validate(NAMED),
+        [Tool.model_validate(WEATHER)],
+    )
+    expected = reference_run(
+        reference, ids, max_tokens=6, temperature=0, ignore_eos=True, grammar=grammar
+    )
     assert result.usage.prompt_tokens == len(ids)
     [answer] = result.choices
-    # The tiny model writes no call: the answer, forced start included, comes back as content.
+    # The tiny model writes no call unforced, and 6 tokens do not finish a forced one: the
+    # answer, forced start included, comes back as content.
     assert answer.message.content == prefix + expected.text
     assert answer.message.tool_calls is None and answer.finish_reason == "length"
+    if tool_choice is not None:
+        assert expected.text != reference_run(reference, ids, max_tokens=6, **GREEDY_PARAMS).text
+
+
+CITY = {"type": "string", "enum": ["Paris", "Rome"]}
+CITY_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": CITY},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", NAMED, {"type": "function", "function": {"name": "get_time"}}]
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_is_constrained_to_a_tool_and_its_parameters(
+    server: RunningServer, tool_choice: Any, stream: bool
+) -> None:
+    """Even a random model answers a forced choice with a valid call, then stops (this
+    server's template leaves the tools out, which keeps the prompt short)."""
+    fields = {"tools": [CITY_TOOL, TIME_TOOL], "tool_choice": tool_choice, "max_tokens": 60}
+    client = server.client()
+    if stream:
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL, messages=USER, stream=True, **fields, **GREEDY
+            )
+        )
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        calls = [call for d in deltas for call in d.tool_calls or []]
+        reason = chunks[-1].choices[0].finish_reason
+    else:
+        result = client.chat.completions.create(model=MODEL, messages=USER, **fields, **GREEDY)
+        calls = result.choices[0].message.tool_calls or []
+        reason = result.choices[0].finish_reason
+    assert reason == "tool_calls" and len(calls) == 1
+    [call] = calls
+    arguments = json.loads(call.function.arguments)
+    if isinstance(tool_choice, dict):
+        assert call.function.name == tool_choice["function"]["name"]
+    if call.function.name == "get_weather":
+        assert set(arguments) == {"city"} and arguments["city"] in CITY["enum"]
+    else:
+        assert call.function.name == "get_time" and arguments == {}
 
 
 def test_tool_choice_none_keeps_tools_out_of_the_prompt(
