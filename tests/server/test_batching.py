@@ -131,9 +131,7 @@ def test_disconnect_aborts_and_frees_the_slot() -> None:
 
 
 def test_queue_bound_answers_429_with_retry_after() -> None:
-    # Slow rounds: the first request must still be running when the counts are checked, even
-    # on a loaded machine (at 0.05 s a round it finished first once, under a parallel run).
-    with serve(make_engine(max_slots=1, step_delay=0.2), max_queue=1) as running:
+    with serve(make_engine(max_slots=1, step_delay=0.05), max_queue=1) as running:
         body = _body([5, 6, 7], 200, 0.0, None) | {"stream": True}
         url = f"{running.url}/v1/completions"
         with httpx.stream("POST", url, json=body), httpx.stream("POST", url, json=body):
