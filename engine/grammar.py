@@ -49,9 +49,7 @@ def grammar_source(spec: GrammarSpec) -> str:
                 and all(isinstance(c, str) and c for c in choices)
             ):
                 raise ValueError("choices must be a non-empty list of non-empty strings")
-            # JSON string literals are Lark string literals.
-            lark = "start: " + " | ".join(json.dumps(c) for c in choices)
-            return llguidance.LLMatcher.grammar_from_lark(lark)
+            return llguidance.grammar_from("choice", spec.text)
         return llguidance.grammar_from("grammar", spec.text)  # Lark, or GBNF converted to it
     except json.JSONDecodeError as exc:
         raise ValueError(f"the {spec.kind} is not valid JSON: {exc}") from exc
@@ -153,19 +151,17 @@ def constrain(
     """``logits`` [B, T, V] (after penalties and bias) with what the grammars of ``rows`` rule
     out at -inf, as a new tensor. ``model_logits``: the model's own, the fallback where the
     grammar and the other rules leave nothing."""
-    batch, width, vocab = logits.shape
+    _, width, vocab = logits.shape
     allowed = allowed_tokens(verify_bitmask(matchers, drafts, width, vocab), vocab, logits.device)
     index = torch.tensor(rows, device=logits.device)
-    mask = torch.ones((batch, width, vocab), dtype=torch.bool, device=logits.device)
-    mask[index] = allowed
-    masked = logits.masked_fill(~mask, float("-inf"))
+    masked = logits[index].masked_fill(~allowed, float("-inf"))
     # Where a grammar allows only what another rule forbids (min_tokens masks EOS, and a
     # complete grammar allows nothing else), the grammar wins rather than leave an empty law.
     # A complete grammar ends its request before that position's token is emitted anyway.
     empty = torch.isneginf(masked).all(dim=-1, keepdim=True)
     if bool(empty.any()):
-        masked = torch.where(empty & mask, model_logits, masked)
-    return masked
+        masked = torch.where(empty & allowed, model_logits[index], masked)
+    return logits.index_copy(0, index, masked)
 
 
 def advance(matcher: llguidance.LLMatcher, tokens: list[int]) -> tuple[list[int], bool]:

@@ -148,3 +148,17 @@ def reference() -> Engine:
 
 def reference_run(engine: Engine, prompt: str | list[int], **params: Any) -> Completion:
     return engine.generate([prompt], SamplingParams(**params))[0]
+
+
+def assert_refused_before_engine(
+    server: RunningServer, path: str, body: dict, param: str | None, words: str
+) -> None:
+    """``body`` gets OpenAI's 400 naming ``param`` with ``words``, and no prompt token reaches
+    the engine."""
+    before = server.metrics()[("specserve:prompt_tokens_total", ())]
+    response = httpx.post(server.url + path, json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert words in error["message"]
+    assert server.metrics()[("specserve:prompt_tokens_total", ())] == before

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import re
 
-import httpx
 import openai
 import pytest
 
 from engine.config import GrammarSpec
 from engine.engine import Engine
-from tests.server.conftest import MODEL, RunningServer, reference_run
+from tests.server.conftest import MODEL, RunningServer, assert_refused_before_engine, reference_run
 
 USER = [{"role": "user", "content": "pick an animal"}]
 ANIMALS = ["the dog", "the fox", "hello world"]
@@ -119,14 +118,8 @@ REFUSED = [  # (fields, the error's param, words its message contains)
 def test_bad_structured_outputs_are_refused_before_the_engine(
     server: RunningServer, fields: dict, param: str | None, words: str
 ) -> None:
-    before = server.metrics()[("specserve:prompt_tokens_total", ())]
     body = {"prompt": "hello", "max_tokens": 4, **fields}
-    response = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["param"] == param, error
-    assert words in error["message"]
-    assert server.metrics()[("specserve:prompt_tokens_total", ())] == before
+    assert_refused_before_engine(server, "/v1/completions", body, param, words)
 
 
 def test_the_sdk_raises_for_an_invalid_schema(server: RunningServer) -> None:

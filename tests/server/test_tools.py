@@ -8,7 +8,6 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
@@ -24,7 +23,14 @@ from server.tools import (
     forced_prefix,
     parse_tool_calls,
 )
-from tests.server.conftest import MODEL, RunningServer, make_engine, reference_run, serve
+from tests.server.conftest import (
+    MODEL,
+    RunningServer,
+    assert_refused_before_engine,
+    make_engine,
+    reference_run,
+    serve,
+)
 from tests.server.test_completions import GREEDY
 
 GREEDY_PARAMS = {"temperature": 0, "ignore_eos": True}
@@ -225,13 +231,7 @@ REFUSED = [  # (body fields besides messages, the error's param, words its messa
 def test_bad_tool_fields_are_refused_before_the_engine(
     server: RunningServer, fields: dict, param: str, words: str
 ) -> None:
-    before = server.metrics()[("specserve:prompt_tokens_total", ())]
-    response = httpx.post(server.url + CHAT, json={"messages": USER, **fields}, timeout=30)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["param"] == param
-    assert words in error["message"]
-    assert server.metrics()[("specserve:prompt_tokens_total", ())] == before
+    assert_refused_before_engine(server, CHAT, {"messages": USER, **fields}, param, words)
 
 
 def test_the_sdk_raises_for_an_unknown_named_tool(server: RunningServer) -> None:
