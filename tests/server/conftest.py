@@ -71,6 +71,22 @@ def make_engine(
     return engine
 
 
+def hold_steps(engine: Engine) -> threading.Event:
+    """Makes the engine's steps wait while the returned event is clear (set it again before
+    the server stops): a test can then look at requests in flight for as long as it needs,
+    however slowly a loaded machine runs it. At most the step already running completes."""
+    running = threading.Event()
+    running.set()
+    real_step = engine.step
+
+    def held_step() -> list:
+        running.wait()
+        return real_step()
+
+    engine.step = held_step  # type: ignore[method-assign]
+    return running
+
+
 @dataclass
 class RunningServer:
     url: str

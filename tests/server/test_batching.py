@@ -11,7 +11,14 @@ import openai
 import pytest
 
 from engine.engine import Engine
-from tests.server.conftest import MODEL, RunningServer, make_engine, reference_run, serve
+from tests.server.conftest import (
+    MODEL,
+    RunningServer,
+    hold_steps,
+    make_engine,
+    reference_run,
+    serve,
+)
 
 REQUESTS = [  # (prompt, max_tokens, temperature, seed): greedy and seeded sampling mixed
     ([5, 6, 7, 8, 9, 10, 11], 30, 0.0, None),
@@ -131,18 +138,25 @@ def test_disconnect_aborts_and_frees_the_slot() -> None:
 
 
 def test_queue_bound_answers_429_with_retry_after() -> None:
-    with serve(make_engine(max_slots=1, step_delay=0.05), max_queue=1) as running:
+    engine = make_engine(max_slots=1, step_delay=0.05)
+    steps_run = hold_steps(engine)
+    with serve(engine, max_queue=1) as running:
         body = _body([5, 6, 7], 200, 0.0, None) | {"stream": True}
         url = f"{running.url}/v1/completions"
         with httpx.stream("POST", url, json=body), httpx.stream("POST", url, json=body):
             running.wait_for(lambda: running.context.core.num_in_flight == 2)
-            response = httpx.post(url, json=_body([1, 2], 2, 0.0, None))
-            assert response.status_code == 429
-            assert response.headers["retry-after"] == "1"
-            assert response.json()["error"]["code"] == "queue_full"
-            with pytest.raises(openai.RateLimitError):
-                running.client().completions.create(model=MODEL, prompt="hi", max_tokens=2)
-            assert running.engine.num_waiting + running.engine.num_running == 2
+            # Rounds pause here, so neither request can finish while the checks run.
+            steps_run.clear()
+            try:
+                response = httpx.post(url, json=_body([1, 2], 2, 0.0, None))
+                assert response.status_code == 429
+                assert response.headers["retry-after"] == "1"
+                assert response.json()["error"]["code"] == "queue_full"
+                with pytest.raises(openai.RateLimitError):
+                    running.client().completions.create(model=MODEL, prompt="hi", max_tokens=2)
+                assert running.engine.num_waiting + running.engine.num_running == 2
+            finally:
+                steps_run.set()
         running.wait_for(lambda: running.context.core.num_in_flight == 0, timeout=5)
         rejected = running.metrics()[
             ("specserve:request_rejected_total", (("reason", "queue_full"),))
