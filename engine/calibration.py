@@ -54,8 +54,8 @@ SPOT_VERIFY = (1, 8)
 # Engine settings that change no forward the calibration times (admission, prompt chunking,
 # where drafts come from, what the draft's window holds): changing them keeps the timings.
 UNTIMED_SETTINGS = (
-    "calibration_cache", "prefix_cache", "prefill_budget", "prefill_chunk", "prompt_lookup",
-    "draft_window", "draft_head",
+    "calibration_cache", "prefix_cache", "prefill_budget", "prefill_chunk",
+    "prefill_chunk_seconds", "prompt_lookup", "draft_window", "draft_head",
 )  # fmt: skip
 
 

@@ -96,6 +96,10 @@ class EngineConfig:
     # between its chunks, so the running rows stall for one chunk at a time, not for the whole
     # prompt. With nothing decoding, prompts are computed whole (fewer, more efficient GEMMs).
     prefill_chunk: int = 512
+    # ... and fewer where the target's measured prompt pace would make a chunk last longer
+    # than this many seconds (engine/prefill_pace.py; 0 = tokens only): on a GPU 512 tokens
+    # take milliseconds, on a 2-core CPU ~11 s of frozen streams.
+    prefill_chunk_seconds: float = 6.0
     # A directory where adaptive gamma keeps its start-up timings (engine/calibration.py): a
     # later start with the same models, machine and settings checks a few of them instead of
     # timing everything (None: time at every start).
@@ -121,6 +125,10 @@ class EngineConfig:
             raise ValueError(f"prefill_budget must be >= 0, got {self.prefill_budget}")
         if self.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
+        if self.prefill_chunk_seconds < 0:
+            raise ValueError(
+                f"prefill_chunk_seconds must be >= 0, got {self.prefill_chunk_seconds}"
+            )
         if self.prompt_lookup < 0:
             raise ValueError(f"prompt_lookup must be >= 0, got {self.prompt_lookup}")
         if self.draft_vocab < 0:

@@ -25,6 +25,7 @@ from engine.logprobs import prompt_logprobs, token_logprobs
 from engine.ngram import PromptLookup
 from engine.penalties import PenaltyState
 from engine.planner import CATCH_UP_ALONE, RoundPlanner, draft_gap, draft_missing
+from engine.prefill_pace import CHUNK_GRAIN, PrefillPace
 from engine.proposer import DraftProposer, DraftRows, RowSampling
 from engine.request import Request, RequestOutput, RequestStats, TokenLogprob
 from engine.runner import ModelRunner, RaggedBatch, max_context
@@ -196,6 +197,7 @@ class Engine:
         self._inbox: deque[Request] = deque()
         self._aborts: deque[str] = deque()
         self._prefilling: list[Request] = []  # admitted, prompt not yet all in the target slot
+        self.prefill_pace = PrefillPace()
         self._lock = threading.Lock()
         log.info(self.describe())
 
@@ -335,25 +337,35 @@ class Engine:
             self._prefilling.append(request)
 
     def _prefill_chunks(self) -> None:
-        """Computes up to ``prefill_chunk`` prompt tokens of the prefilling rows, first come
-        first served, so a long prompt is prefilled over several steps and the running rows
-        decode a round between its chunks instead of waiting out the whole prompt. Only when
-        some row is decoding: a shorter GEMM is a less efficient one (a 684-token prompt took
-        14.2 s whole, 12.5 + 4.9 s as 512 + 172), which only a waiting stream repays."""
+        """Computes a chunk of prompt tokens of the prefilling rows (``prefill_chunk`` tokens,
+        fewer where those would take over ``prefill_chunk_seconds``), first come first served,
+        so a long prompt is prefilled over several steps and the running rows decode a round
+        between its chunks instead of waiting out the whole prompt. Only when some row is
+        decoding: a shorter GEMM is a less efficient one (on a 2-core CPU 48 prompt tokens/s
+        in chunks of 512, 42-46 in 128, 36 in 64), which only a waiting stream repays."""
         self._prefilling = [r for r in self._prefilling if not r.finished]  # aborted meanwhile
         decoding = any(r.prefilled for r in self.scheduler.running.values())
-        chunk = self.config.prefill_chunk if decoding else 0
+        config = self.config
+        chunk = (
+            self.prefill_pace.chunk_tokens(config.prefill_chunk, config.prefill_chunk_seconds)
+            if decoding
+            else 0
+        )
         budget = chunk or float("inf")
         work: list[tuple[Request, int]] = []
         for request in self._prefilling:
             if budget <= 0:
                 break
-            size = request.num_tokens - 1 - request.target_len
+            remaining = size = request.num_tokens - 1 - request.target_len
             # Prompt logprobs come from one forward over the whole prompt.
             if chunk and not request.prompt_logprobs_pending:
                 # Even parts, not a full chunk and a sliver: each part is a fair-sized GEMM.
-                parts = max(1, -(-size // chunk))
-                size = int(min(-(-size // parts), budget))
+                parts = max(1, -(-remaining // chunk))
+                size = int(min(-(-remaining // parts), budget))
+                # Nor a sliver of the budget's rest for the next row: a forward of a few
+                # tokens costs about a decode step whatever it computes.
+                if work and size < min(remaining, CHUNK_GRAIN):
+                    break
             if size:
                 work.append((request, size))
             budget -= size
@@ -374,7 +386,11 @@ class Engine:
             sizes,
         )
         wants_logprobs = any(r.prompt_logprobs_pending for r in rows)
+        started = time.perf_counter()
         hidden = self.target.prefill(batch, output="hidden" if wants_logprobs else "none")
+        if self.config.prefill_chunk_seconds:
+            self.target.synchronize()  # a CUDA forward returns before it has run
+            self.prefill_pace.observe(sum(sizes), time.perf_counter() - started)
         # The draft's copy of the prompt waits until the row first drafts (_catch_up_draft):
         # under load adaptive gamma may never draft for it, and then it would be pure cost.
         for index, request in enumerate(rows):

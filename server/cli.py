@@ -37,10 +37,12 @@ def _env_name(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_").upper()
 
 
-def _int_option(group, flag: str, default: int, help: str | None = None) -> None:
-    """An integer flag whose default comes from its environment variable (as _env_int's)."""
+def _option(group, flag: str, default: int | float, help: str | None = None) -> None:
+    """A number flag (of its default's type) whose default comes from its environment
+    variable (as _env_int's)."""
+    kind = type(default)
     value = _env(_env_name(flag))
-    group.add_argument(flag, type=int, default=int(value) if value else default, help=help)
+    group.add_argument(flag, type=kind, default=kind(value) if value else default, help=help)
 
 
 def _switch(group, flag: str, help: str) -> None:
@@ -67,19 +69,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="draft model (same forms as --target); 'none' or omitted with an explicit target "
         "means target-only; 'ngram' means prompt lookup alone, with no draft model",
     )
-    _int_option(
+    _option(
         group,
         "--gamma",
         6,
         "most draft tokens per round (0 = target-only); adaptive gamma picks 0..this",
     )
-    _int_option(group, "--max-slots", 8, "KV slots (concurrent requests)")
-    _int_option(group, "--max-len", 2048, "tokens per slot (prompt + output)")
+    _option(group, "--max-slots", 8, "KV slots (concurrent requests)")
+    _option(group, "--max-len", 2048, "tokens per slot (prompt + output)")
     group.add_argument(
         "--dtype", default=_env("DTYPE", "auto"), choices=["auto", "bf16", "fp16", "fp32"]
     )
     group.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
-    _int_option(
+    _option(
         group,
         "--draft-vocab",
         CLI_DRAFT_VOCAB,
@@ -92,28 +94,35 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "choose each round's gamma (up to --gamma, 0 included) from measured costs and "
         "per-request acceptance (default on)",
     )
-    _int_option(
+    _option(
         group,
         "--prompt-lookup",
         CLI_PROMPT_LOOKUP,
         "longest n-gram prompt lookup matches (free drafts copied from the context, used "
         "per row when they promise more than the draft model; 0 = off)",
     )
-    _int_option(
+    _option(
         group,
         "--prefill-budget",
         1024,
         "prompt tokens admitted per engine step, so decoding goes on between long "
         "prefills (at least one request per step; 0 = fill every free slot at once)",
     )
-    _int_option(
+    _option(
         group,
         "--prefill-chunk",
         512,
         "prompt tokens computed per engine step: a longer prompt is prefilled over "
         "several steps with a decode round between chunks (0 = whole prompts)",
     )
-    _int_option(
+    _option(
+        group,
+        "--prefill-chunk-seconds",
+        6.0,
+        "fewer prompt tokens per chunk where the target's measured prompt pace would make "
+        "a chunk stall the decoding streams for longer than this (0 = tokens only)",
+    )
+    _option(
         group,
         "--draft-window",
         CLI_DRAFT_WINDOW,
@@ -158,7 +167,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "keep adaptive gamma's start-up timings under the cache directory ($SPECSERVE_CACHE, "
         "default ~/.cache/specserve) and reuse them when a quick check agrees (default on)",
     )
-    _int_option(group, "--threads", 0, "CPU threads (0 = torch default)")
+    _option(group, "--threads", 0, "CPU threads (0 = torch default)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -183,6 +192,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         prompt_lookup=args.prompt_lookup,
         prefill_budget=args.prefill_budget,
         prefill_chunk=args.prefill_chunk,
+        prefill_chunk_seconds=args.prefill_chunk_seconds,
         tune_prompt_gemm=args.tune_prompt_gemm,
         calibration_cache=calibration,
     )
@@ -294,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=_env_int("PORT", 8000))
     serve.add_argument("--api-key", default=_env("API_KEY"), help="require this Bearer key")
-    _int_option(serve, "--max-queue", 64, "waiting requests before 429")
+    _option(serve, "--max-queue", 64, "waiting requests before 429")
     serve.add_argument(
         "--send-timeout",
         type=float,
@@ -302,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds a streaming client may stop reading before it is dropped",
     )
     limits = serve.add_argument_group("request limits (past them: 413 for the body, else 400)")
-    _int_option(limits, "--max-body-bytes", 4 * 2**20)
-    _int_option(limits, "--max-n", 16, "choices per prompt")
-    _int_option(limits, "--max-stop", 16, "stop strings per request")
-    _int_option(limits, "--max-stop-chars", 256, "characters per stop string")
+    _option(limits, "--max-body-bytes", 4 * 2**20)
+    _option(limits, "--max-n", 16, "choices per prompt")
+    _option(limits, "--max-stop", 16, "stop strings per request")
+    _option(limits, "--max-stop-chars", 256, "characters per stop string")
     serve.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "info"),

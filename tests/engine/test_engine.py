@@ -819,6 +819,66 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_rounds() -> None:
     assert results[short] == want[0] and results[long] == want[2]
 
 
+def test_a_slow_prompt_pace_makes_chunks_smaller_than_the_token_chunk() -> None:
+    target, unrelated = models("qwen2")
+    long_prompt = list(range(3, 83))  # 79 tokens to compute beside a decoding row
+    results, chunks = [], []
+    for seconds in (0.0, 1.0):
+        config = EngineConfig(
+            gamma=3, max_slots=2, max_len=128, prefill_chunk=64, prefill_chunk_seconds=seconds
+        )
+        eng = Engine(target, unrelated, config)
+        # As timed on a machine where 32 prompt tokens take a second (a tiny model's real
+        # pace would allow the whole token chunk).
+        eng.prefill_pace.seconds_per_token = 1 / 32
+        eng.prefill_pace.observe = lambda tokens, seconds: None  # type: ignore[method-assign]
+        computed: list[int] = []
+        prefill = eng.target.prefill
+
+        def counted(batch, output="none", computed=computed, prefill=prefill):  # noqa: ANN001, ANN202
+            computed.extend(batch.num_new)
+            return prefill(batch, output)
+
+        eng.target.prefill = counted  # type: ignore[method-assign]
+        eng.add_request(PROMPTS[0], GREEDY)
+        eng.step()  # a row decoding, so that the next prompt is chunked
+        (result,) = eng.generate([long_prompt], GREEDY)
+        results.append(result.token_ids)
+        chunks.append(computed[1:])
+    # Tokens only: two even parts of at most 64. Paced: a second holds 32 tokens.
+    assert chunks == [[40, 39], [27, 26, 26]]
+    assert results[0] == results[1]
+
+
+def test_a_second_prompt_waits_rather_than_take_a_sliver_of_the_chunk() -> None:
+    target, unrelated = models("qwen2")
+    config = EngineConfig(gamma=3, max_slots=3, max_len=128, prefill_chunk=64)
+    eng = Engine(target, unrelated, config)
+    computed: list[list[int]] = []
+    prefill = eng.target.prefill
+    eng.target.prefill = lambda batch, output="none": (  # type: ignore[method-assign]
+        computed.append(list(batch.num_new)) or prefill(batch, output)
+    )
+    eng.add_request(PROMPTS[0], GREEDY)
+    eng.step()  # a row decoding, so that the next prompts are chunked
+    first, second = list(range(3, 64)), list(range(100, 141))  # 60 and 40 tokens to compute
+    results = eng.generate([first, second], GREEDY)
+    # The first takes 60 of the 64 tokens; the second does not start on the 4 left over.
+    assert computed[1:] == [[60], [40]]
+    alone = Engine(target, unrelated, config).generate([first, second], GREEDY)
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone]
+
+
+def test_the_engine_times_its_prompt_prefills() -> None:
+    target, unrelated = models("llama")
+    eng = Engine(target, unrelated, EngineConfig(gamma=3, max_slots=2, max_len=128))
+    eng.generate([PROMPTS[0]], GREEDY)
+    assert eng.prefill_pace.seconds_per_token is None  # 6 tokens: too few to tell a pace
+    eng.generate([list(range(3, 83))], GREEDY)
+    assert eng.prefill_pace.seconds_per_token is not None
+    assert eng.prefill_pace.seconds_per_token > 0
+
+
 def test_chunked_prefill_fills_the_slot_as_one_prefill_does() -> None:
     target, unrelated = models("llama")
     outputs, caches = [], []

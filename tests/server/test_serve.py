@@ -160,6 +160,10 @@ def test_engine_settings_come_from_flags_and_environment(
     assert config(["--prefill-chunk", "7"]).prefill_chunk == 7
     monkeypatch.setenv("SPECSERVE_PREFILL_CHUNK", "0")
     assert config([]).prefill_chunk == 0
+    assert config([]).prefill_chunk_seconds == 6.0
+    assert config(["--prefill-chunk-seconds", "0.5"]).prefill_chunk_seconds == 0.5
+    monkeypatch.setenv("SPECSERVE_PREFILL_CHUNK_SECONDS", "0")
+    assert config([]).prefill_chunk_seconds == 0.0
     assert config([]).draft_weights == "int4"
     assert config(["--draft-weights", "int8"]).draft_weights == "int8"
     monkeypatch.setenv("SPECSERVE_DRAFT_WEIGHTS", "bf16")
