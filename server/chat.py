@@ -22,6 +22,7 @@ from server.prompts import Prompt, chat_prompt, structured_output, submissions
 from server.protocol import ChatCompletionRequest
 from server.sse import DONE, EventStream
 from server.tools import (
+    CLOSE,
     ToolCallStream,
     finish_reason,
     forced_grammar,
@@ -129,6 +130,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     prompts = [prompt]
     forced = forced_grammar(body.tool_choice, body.tools or []) if body.tools_active else None
     grammar = await run_in_threadpool(structured_output, body, ctx, forced)
+    # One call at most: the answer ends at its closing tag, which the parser does without
+    # (an unclosed last block counts). A forced call ends after one anyway.
+    one_call = body.tools_active and body.parallel_tool_calls is False and forced is None
     subs = submissions(
         body,
         prompts,
@@ -138,6 +142,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         max_tokens_param="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
         logprobs=body.logprobs_top_n,
         grammar=grammar,
+        server_stop=(CLOSE,) if one_call else (),
     )
     stream = submit(ctx, subs, arrival)
     choices = make_choices(prompts, body.choices_per_prompt, body.prediction is not None)

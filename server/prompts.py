@@ -123,8 +123,10 @@ def submissions(
     logprobs: int | None,
     prompt_logprobs: int | None = None,
     grammar: GrammarSpec | None = None,
+    server_stop: tuple[str, ...] = (),
 ) -> list[Submission]:
-    """``n`` engine requests per prompt, in OpenAI's choice order (prompt-major)."""
+    """``n`` engine requests per prompt, in OpenAI's choice order (prompt-major);
+    ``server_stop``: stop strings the server adds to the request's own."""
     engine = ctx.engine
     if body.stop_token_ids and any(t >= engine.vocab_size for t in body.stop_token_ids):
         raise bad_request(
@@ -165,7 +167,7 @@ def submissions(
                     top_k=body.top_k or 0,
                     min_p=body.min_p or 0.0,
                     seed=_choice_seed(body.seed, j),
-                    stop=list(body.stop or []),
+                    stop=[*(body.stop or []), *server_stop],
                     stop_token_ids=list(body.stop_token_ids or []),
                     ignore_eos=bool(body.ignore_eos),
                     proposer=body.proposer or "auto",

@@ -428,12 +428,15 @@ class TokenizeRequest(_Body):
     add_generation_prompt: StrictBool | None = True
     continue_final_message: StrictBool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None  # rendered by the chat template, as for a chat request
     return_token_strs: StrictBool | None = False
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("send exactly one of prompt or messages")
+        if self.tools and self.messages is None:
+            raise ValueError("tools are rendered by the chat template: send them with messages")
         return self
 
 

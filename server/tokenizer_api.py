@@ -22,6 +22,7 @@ def _tokenize(ctx: ServerContext, body: TokenizeRequest) -> list[int]:
             add_generation_prompt=bool(body.add_generation_prompt),
             continue_final_message=bool(body.continue_final_message),
             template_kwargs=body.chat_template_kwargs,
+            tools=[tool.model_dump(exclude_none=True) for tool in body.tools or []] or None,
         )
         # As vLLM: a rendered template carries its own special tokens unless asked otherwise.
         return ctx.tokens.encode(text, add_special_tokens=bool(body.add_special_tokens))

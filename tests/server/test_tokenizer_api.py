@@ -53,3 +53,10 @@ def test_tokenize_messages_uses_the_chat_template(server: RunningServer, referen
     expected = reference.tokenizer(text, add_special_tokens=False).input_ids
     response = httpx.post(f"{server.url}/tokenize", json={"messages": messages})
     assert response.json()["tokens"] == expected
+
+
+def test_tools_without_messages_are_refused(server: RunningServer) -> None:
+    tool = {"type": "function", "function": {"name": "f"}}
+    response = httpx.post(f"{server.url}/tokenize", json={"prompt": "hi", "tools": [tool]})
+    assert response.status_code == 400
+    assert "send them with messages" in response.json()["error"]["message"]

@@ -16,6 +16,7 @@ from engine.request import RequestOutput, RequestStats
 from server import chat
 from server.protocol import NamedToolChoice, Tool
 from server.tools import (
+    CLOSE,
     Parsed,
     ToolCallStream,
     finish_reason,
@@ -308,6 +309,21 @@ def test_tools_and_the_forced_start_of_a_call_reach_the_model(
         assert expected.text != reference_run(reference, ids, max_tokens=6, **GREEDY_PARAMS).text
 
 
+def test_tokenize_renders_the_tools_as_the_chat_route_does(
+    tool_server: RunningServer, reference: Engine
+) -> None:
+    body = {"messages": USER, "tools": [WEATHER]}
+    with tool_server.http() as http:
+        tokens = http.post("/tokenize", json=body).json()["tokens"]
+        without = http.post("/tokenize", json={"messages": USER}).json()["tokens"]
+    assert tokens == prompt_ids(reference, f"{TOOLS_TEXT}<s>user: weather in Paris?<s>assistant:")
+    assert len(without) < len(tokens)
+    result = tool_server.client().chat.completions.create(
+        model=MODEL, messages=USER, tools=[WEATHER], max_tokens=1, **GREEDY
+    )
+    assert result.usage.prompt_tokens == len(tokens)
+
+
 CITY = {"type": "string", "enum": ["Paris", "Rome"]}
 CITY_TOOL = {
     "type": "function",
@@ -544,3 +560,37 @@ def test_the_document_declares_tools_and_response_formats(server: RunningServer)
     assert {"type": "null"} in message["content"]["anyOf"]
     call = schemas["AssistantToolCall"]["properties"]
     assert set(call) == {"id", "type", "function"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "ends_at_close"),
+    [
+        ({"parallel_tool_calls": False}, True),
+        ({"parallel_tool_calls": True}, False),
+        ({}, False),
+        ({"parallel_tool_calls": False, "tool_choice": "required"}, False),  # one call anyway
+        ({"parallel_tool_calls": False, "tool_choice": "none"}, False),  # nothing is read
+    ],
+)
+def test_without_parallel_calls_the_answer_ends_at_the_first_call(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch, fields: dict, ends_at_close: bool
+) -> None:
+    submitted: list[Any] = []
+    # What the engine returns when the closing tag is a stop string: the block, unclosed.
+    unclosed = block("get_weather", {"city": "Paris"})[: -len(CLOSE)]
+    stopped = ScriptedStream([[unclosed[:15], unclosed[15:]]], "stop")
+
+    def record(ctx: Any, subs: list[Any], arrival: float) -> ScriptedStream:
+        submitted.extend(subs)
+        return stopped
+
+    monkeypatch.setattr(chat, "submit", record)
+    result = server.client().chat.completions.create(
+        model=MODEL, messages=USER, tools=[WEATHER], stop=["END"], **fields
+    )
+    [sub] = submitted
+    assert sub.params.stop == (["END", CLOSE] if ends_at_close else ["END"])
+    if fields.get("tool_choice") is None:
+        [choice] = result.choices
+        [call] = choice.message.tool_calls
+        assert choice.finish_reason == "tool_calls" and call.function.name == "get_weather"
