@@ -324,6 +324,11 @@ class Tool(_Body):
     function: FunctionDefinition
 
 
+def tools_for_template(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
+    """Tools as the chat template reads them (None when there are none)."""
+    return [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
+
+
 class FunctionName(_Body):
     name: StrictStr
 
@@ -407,9 +412,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
-        if not self.tools_active:
-            return None
-        return [tool.model_dump(exclude_none=True) for tool in self.tools or []]
+        return tools_for_template(self.tools) if self.tools_active else None
 
     @property
     def max_tokens_limit(self) -> int | None:

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from server.context import ServerContext, get_context
 from server.errors import bad_request
 from server.openapi import DetokenizeResponse, TokenizeResponse, errors
-from server.protocol import DetokenizeRequest, TokenizeRequest
+from server.protocol import DetokenizeRequest, TokenizeRequest, tools_for_template
 
 router = APIRouter()
 
@@ -22,7 +22,7 @@ def _tokenize(ctx: ServerContext, body: TokenizeRequest) -> list[int]:
             add_generation_prompt=bool(body.add_generation_prompt),
             continue_final_message=bool(body.continue_final_message),
             template_kwargs=body.chat_template_kwargs,
-            tools=[tool.model_dump(exclude_none=True) for tool in body.tools or []] or None,
+            tools=tools_for_template(body.tools),
         )
         # As vLLM: a rendered template carries its own special tokens unless asked otherwise.
         return ctx.tokens.encode(text, add_special_tokens=bool(body.add_special_tokens))

@@ -789,15 +789,24 @@ def test_a_follow_up_turn_computes_only_what_its_slot_does_not_hold(draft_kind: 
         )
 
 
+def record_prefills(eng: Engine) -> list[list[int]]:
+    """Makes the engine's target note the tokens per row of every prompt forward."""
+    computed: list[list[int]] = []
+    prefill = eng.target.prefill
+
+    def recorded(batch: RaggedBatch, output: str = "none") -> torch.Tensor | None:
+        computed.append(list(batch.num_new))
+        return prefill(batch, output)
+
+    eng.target.prefill = recorded  # type: ignore[method-assign]
+    return computed
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_rounds() -> None:
     target, unrelated = models("qwen2")
     config = EngineConfig(gamma=3, max_slots=4, max_len=128, prefill_chunk=5)
     eng = Engine(target, unrelated, config)
-    computed: list[list[int]] = []
-    prefill = eng.target.prefill
-    eng.target.prefill = lambda batch, output="none": (  # type: ignore[method-assign]
-        computed.append(list(batch.num_new)) or prefill(batch, output)
-    )
+    computed = record_prefills(eng)
     short = eng.add_request(PROMPTS[0], GREEDY)
     first = eng.step()
     # Nothing else decodes: the prompt is computed whole (a shorter GEMM is a slower one).
@@ -832,21 +841,14 @@ def test_a_slow_prompt_pace_makes_chunks_smaller_than_the_token_chunk() -> None:
         # pace would allow the whole token chunk).
         eng.prefill_pace.seconds_per_token = 1 / 32
         eng.prefill_pace.observe = lambda tokens, seconds: None  # type: ignore[method-assign]
-        computed: list[int] = []
-        prefill = eng.target.prefill
-
-        def counted(batch, output="none", computed=computed, prefill=prefill):  # noqa: ANN001, ANN202
-            computed.extend(batch.num_new)
-            return prefill(batch, output)
-
-        eng.target.prefill = counted  # type: ignore[method-assign]
+        computed = record_prefills(eng)
         eng.add_request(PROMPTS[0], GREEDY)
         eng.step()  # a row decoding, so that the next prompt is chunked
         (result,) = eng.generate([long_prompt], GREEDY)
         results.append(result.token_ids)
         chunks.append(computed[1:])
     # Tokens only: two even parts of at most 64. Paced: a second holds 32 tokens.
-    assert chunks == [[40, 39], [27, 26, 26]]
+    assert chunks == [[[40], [39]], [[27], [26], [26]]]
     assert results[0] == results[1]
 
 
@@ -854,11 +856,7 @@ def test_a_second_prompt_waits_rather_than_take_a_sliver_of_the_chunk() -> None:
     target, unrelated = models("qwen2")
     config = EngineConfig(gamma=3, max_slots=3, max_len=128, prefill_chunk=64)
     eng = Engine(target, unrelated, config)
-    computed: list[list[int]] = []
-    prefill = eng.target.prefill
-    eng.target.prefill = lambda batch, output="none": (  # type: ignore[method-assign]
-        computed.append(list(batch.num_new)) or prefill(batch, output)
-    )
+    computed = record_prefills(eng)
     eng.add_request(PROMPTS[0], GREEDY)
     eng.step()  # a row decoding, so that the next prompts are chunked
     first, second = list(range(3, 64)), list(range(100, 141))  # 60 and 40 tokens to compute
