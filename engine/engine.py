@@ -342,7 +342,8 @@ class Engine:
         so a long prompt is prefilled over several steps and the running rows decode a round
         between its chunks instead of waiting out the whole prompt. Only when some row is
         decoding: a shorter GEMM is a less efficient one (on a 2-core CPU 48 prompt tokens/s
-        in chunks of 512, 42-46 in 128, 36 in 64), which only a waiting stream repays."""
+        in chunks of 512, 42-46 in 128, 36 in 64), which only a waiting stream repays. With
+        none decoding, the shortest prompts go first, whole."""
         self._prefilling = [r for r in self._prefilling if not r.finished]  # aborted meanwhile
         decoding = any(r.prefilled for r in self.scheduler.running.values())
         config = self.config
@@ -369,7 +370,13 @@ class Engine:
             if size:
                 work.append((request, size))
             budget -= size
-        for group in padding_groups(work, lambda item: item[1]):
+        groups = padding_groups(work, lambda item: item[1])
+        if not decoding and len(groups) > 1:
+            # Nothing decodes yet: the group of the shortest prompts goes alone, so their
+            # streams start, and the longer prompts follow in chunks between rounds (computed
+            # together, three short prompts waited 28 s for a 1284-token one).
+            groups = groups[-1:]
+        for group in groups:
             self._prefill_group([r for r, _ in group], [size for _, size in group])
             # Only now: a slot released after a failed prefill must not claim K/V it lacks.
             for request, size in group:

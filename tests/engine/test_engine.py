@@ -400,7 +400,10 @@ def test_draft_catches_up_lazily_with_a_cache_as_if_it_had_followed_along() -> N
         eng.step()
     rows = [eng.scheduler.find(i) for i in ids]
     assert all(r.draft_len == 0 for r in rows)
-    # ... then it becomes cheap: both rows catch up (prompt window plus 5 generated tokens,
+    # (The shorter prompt started a step earlier.)
+    generated = [len(r.output_token_ids) for r in rows]
+    assert generated == [4, 5]
+    # ... then it becomes cheap: both rows catch up (prompt window plus what they generated,
     # lengths differ) before their first draft step.
     eng.costs = CostModel(target={1: 1.0, 64: 1.0}, draft={1: 0.01})
     rounds = []
@@ -408,8 +411,8 @@ def test_draft_catches_up_lazily_with_a_cache_as_if_it_had_followed_along() -> N
     eng.step()
     assert rounds[-1].gamma > 0
     runner = eng.proposer.runner
-    for request in rows:
-        assert request.draft_gap == len(request.prompt_token_ids) + 5 - 1 - 6
+    for request, before in zip(rows, generated, strict=True):
+        assert request.draft_gap == len(request.prompt_token_ids) + before - 1 - 6
         window = request.token_ids[request.draft_gap : request.draft_gap + request.draft_len]
         assert request.draft_len >= 6
         _assert_slot_holds(runner, request.slot, request.draft_len, _fresh_cache(draft, window))
@@ -865,6 +868,27 @@ def test_a_second_prompt_waits_rather_than_take_a_sliver_of_the_chunk() -> None:
     assert computed[1:] == [[60], [40]]
     alone = Engine(target, unrelated, config).generate([first, second], GREEDY)
     assert [r.token_ids for r in results] == [r.token_ids for r in alone]
+
+
+def test_with_nothing_decoding_the_shortest_prompts_start_first() -> None:
+    target, unrelated = models("qwen2")
+    config = EngineConfig(gamma=3, max_slots=3, max_len=128, prefill_chunk=32)
+    eng = Engine(target, unrelated, config)
+    computed = record_prefills(eng)
+    long_prompt = list(range(3, 83))  # 79 tokens to compute
+    long = eng.add_request(long_prompt, GREEDY)
+    short = eng.add_request(PROMPTS[0], GREEDY)  # 6, arriving after the long one
+    first = eng.step()
+    # The short prompt alone, and its stream starts at once.
+    assert computed == [[6]] and [o.request_id for o in first] == [short]
+    results = {short: first[0].new_token_ids, long: []}
+    while eng.has_work():
+        for out in eng.step():
+            results[out.request_id] += out.new_token_ids
+    # Then the long one in chunks between the short one's rounds.
+    assert computed[1:] == [[27], [26], [26]]
+    assert results[short] == hf_greedy("qwen2")[0]
+    assert [results[long]] == hf_greedy("qwen2", (tuple(long_prompt),))
 
 
 def test_the_engine_times_its_prompt_prefills() -> None:
