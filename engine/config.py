@@ -94,7 +94,8 @@ class EngineConfig:
     # Prompt tokens computed per step across the rows still prefilling while other rows decode
     # (0 = whole prompts): a long prompt is prefilled over several steps with a decode round
     # between its chunks, so the running rows stall for one chunk at a time, not for the whole
-    # prompt. With nothing decoding, prompts are computed whole (fewer, more efficient GEMMs).
+    # prompt. With nothing decoding, the shortest prompts go first, this many tokens at most,
+    # so that a prompt arriving meanwhile does not wait out a long one either.
     prefill_chunk: int = 512
     # ... and fewer where the target's measured prompt pace would make a chunk last longer
     # than this many seconds (engine/prefill_pace.py; 0 = tokens only): on a GPU 512 tokens

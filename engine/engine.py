@@ -57,6 +57,10 @@ class Completion:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
+def _size(item: tuple[object, int]) -> int:
+    return item[1]
+
+
 def padding_groups(rows: list[Row], length: Callable[[Row], int]) -> list[list[Row]]:
     """Splits prompts into forwards that waste little on padding: a ragged forward computes
     every row at the longest row's width, so an 800-token prompt beside seven 60-token ones
@@ -337,51 +341,59 @@ class Engine:
             self._prefilling.append(request)
 
     def _prefill_chunks(self) -> None:
-        """Computes a chunk of prompt tokens of the prefilling rows (``prefill_chunk`` tokens,
-        fewer where those would take over ``prefill_chunk_seconds``), first come first served,
-        so a long prompt is prefilled over several steps and the running rows decode a round
-        between its chunks instead of waiting out the whole prompt. Only when some row is
-        decoding: a shorter GEMM is a less efficient one (on a 2-core CPU 48 prompt tokens/s
-        in chunks of 512, 42-46 in 128, 36 in 64), which only a waiting stream repays. With
-        none decoding, the shortest prompts go first, whole."""
+        """Computes a chunk of prompt tokens of the prefilling rows, so that a long prompt is
+        prefilled over several steps and neither the decoding rows nor a request arriving
+        meanwhile wait out the whole prompt. While rows decode, chunks go first come first
+        served, ``prefill_chunk`` tokens a step, fewer where those would take over
+        ``prefill_chunk_seconds``. With none decoding (a burst of arrivals, or one long
+        prompt alone), the shortest prompts go first, ``prefill_chunk`` tokens at most: on a
+        2-core CPU parts of 230-640 tokens of a 1280-token prompt cost what the whole does,
+        and a prompt arriving between two parts starts before the long one goes on."""
         self._prefilling = [r for r in self._prefilling if not r.finished]  # aborted meanwhile
         decoding = any(r.prefilled for r in self.scheduler.running.values())
-        config = self.config
-        chunk = (
-            self.prefill_pace.chunk_tokens(config.prefill_chunk, config.prefill_chunk_seconds)
-            if decoding
-            else 0
-        )
-        budget = chunk or float("inf")
-        work: list[tuple[Request, int]] = []
-        for request in self._prefilling:
-            if budget <= 0:
-                break
-            remaining = size = request.num_tokens - 1 - request.target_len
-            # Prompt logprobs come from one forward over the whole prompt.
-            if chunk and not request.prompt_logprobs_pending:
-                # Even parts, not a full chunk and a sliver: each part is a fair-sized GEMM.
-                parts = max(1, -(-remaining // chunk))
-                size = int(min(-(-remaining // parts), budget))
-                # Nor a sliver of the budget's rest for the next row: a forward of a few
-                # tokens costs about a decode step whatever it computes.
-                if work and size < min(remaining, CHUNK_GRAIN):
-                    break
-            if size:
-                work.append((request, size))
-            budget -= size
-        groups = padding_groups(work, lambda item: item[1])
-        if not decoding and len(groups) > 1:
-            # Nothing decodes yet: the group of the shortest prompts goes alone, so their
-            # streams start, and the longer prompts follow in chunks between rounds (computed
-            # together, three short prompts waited 28 s for a 1284-token one).
-            groups = groups[-1:]
-        for group in groups:
+        if decoding:
+            work = self._chunks_beside_decoding()
+        else:
+            left = [(r, r.num_tokens - 1 - r.target_len) for r in self._prefilling]
+            groups = padding_groups([item for item in left if item[1]], _size)
+            # The group closest to its first tokens (by what is left) goes, a chunk of it.
+            chunk = self.config.prefill_chunk
+            work = [(r, self._part(r, size, chunk)) for r, size in groups[-1]] if groups else []
+        for group in padding_groups(work, _size):
             self._prefill_group([r for r, _ in group], [size for _, size in group])
             # Only now: a slot released after a failed prefill must not claim K/V it lacks.
             for request, size in group:
                 request.target_len += size
         self._prefilling = [r for r in self._prefilling if not r.prefilled]
+
+    def _chunks_beside_decoding(self) -> list[tuple[Request, int]]:
+        config = self.config
+        chunk = self.prefill_pace.chunk_tokens(config.prefill_chunk, config.prefill_chunk_seconds)
+        budget = chunk or float("inf")
+        work: list[tuple[Request, int]] = []
+        for request in self._prefilling:
+            if budget <= 0:
+                break
+            remaining = request.num_tokens - 1 - request.target_len
+            size = int(min(self._part(request, remaining, chunk), budget))
+            # Nor a sliver of the budget's rest for the next row: a forward of a few tokens
+            # costs about a decode step whatever it computes.
+            if work and size < min(remaining, CHUNK_GRAIN):
+                break
+            if size:
+                work.append((request, size))
+            budget -= size
+        return work
+
+    @staticmethod
+    def _part(request: Request, remaining: int, chunk: int) -> int:
+        """The next forward's share of a prompt's ``remaining`` tokens under ``chunk`` (0: all):
+        even parts, not a full chunk and a sliver, so each part is a fair-sized GEMM. Prompt
+        logprobs come from one forward over the whole prompt."""
+        if not chunk or request.prompt_logprobs_pending:
+            return remaining
+        parts = max(1, -(-remaining // chunk))
+        return -(-remaining // parts)
 
     def _prefill_group(self, rows: list[Request], sizes: list[int]) -> None:
         # Each row computes the next ``size`` prompt tokens after the K/V its slot holds.

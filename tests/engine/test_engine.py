@@ -531,7 +531,8 @@ def test_rows_still_prefilling_count_towards_the_coming_batch() -> None:
     for prefilling in (0, 3):
         eng, rounds = _catch_up_judging_engine(target, draft, config)
         eng.add_request(PROMPTS[2], params)
-        eng.step()  # its prompt, and a first round that samples its first token
+        while not eng.step():  # its prompt in chunks, then a first round: its first token
+            pass
         for _ in range(prefilling):
             eng.add_request(list(range(40, 100)), params)
         eng.step()  # admits them; 4 of their prompt tokens go in; the first row's second round
@@ -811,9 +812,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_rounds() -> None:
     eng = Engine(target, unrelated, config)
     computed = record_prefills(eng)
     short = eng.add_request(PROMPTS[0], GREEDY)
+    assert eng.step() == []
     first = eng.step()
-    # Nothing else decodes: the prompt is computed whole (a shorter GEMM is a slower one).
-    assert computed == [[6]] and [o.request_id for o in first] == [short]
+    # Nothing else decodes, yet the prompt goes in chunks too (another may arrive meanwhile).
+    assert computed == [[3], [3]] and [o.request_id for o in first] == [short]
     long = eng.add_request(PROMPTS[2], GREEDY)  # 22 tokens to compute beside a decoding row
     results = {short: first[0].new_token_ids, long: []}
     short_rounds_while_prefilling = 0
@@ -824,7 +826,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_rounds() -> None:
         if not results[long] and any(o.request_id == short for o in outputs):
             short_rounds_while_prefilling += 1
     # At most 5 a step, in even parts rather than full chunks and a sliver.
-    assert computed[1:6] == [[5], [5], [4], [4], [4]]
+    assert computed[2:7] == [[5], [5], [4], [4], [4]]
     # The running row went on decoding a round per chunk instead of waiting out the prompt.
     assert short_rounds_while_prefilling >= 4
     want = hf_greedy("qwen2")
@@ -887,6 +889,29 @@ def test_with_nothing_decoding_the_shortest_prompts_start_first() -> None:
             results[out.request_id] += out.new_token_ids
     # Then the long one in chunks between the short one's rounds.
     assert computed[1:] == [[27], [26], [26]]
+    assert results[short] == hf_greedy("qwen2")[0]
+    assert [results[long]] == hf_greedy("qwen2", (tuple(long_prompt),))
+
+
+def test_a_prompt_arriving_while_a_long_one_prefills_alone_starts_first() -> None:
+    target, unrelated = models("qwen2")
+    config = EngineConfig(gamma=3, max_slots=3, max_len=128, prefill_chunk=32)
+    eng = Engine(target, unrelated, config)
+    computed = record_prefills(eng)
+    long_prompt = list(range(3, 83))  # 79 tokens to compute
+    long = eng.add_request(long_prompt, GREEDY)
+    assert eng.step() == []
+    # Nothing decodes, and still only a chunk: the step ends early enough for an arrival.
+    assert computed == [[27]]
+    short = eng.add_request(PROMPTS[0], GREEDY)  # 6 tokens to compute
+    first = eng.step()
+    assert computed[1:] == [[6]] and [o.request_id for o in first] == [short]
+    results = {short: first[0].new_token_ids, long: []}
+    while eng.has_work():
+        for out in eng.step():
+            results[out.request_id] += out.new_token_ids
+    # The long one's other two chunks, between the short one's rounds.
+    assert computed[2:] == [[26], [26]]
     assert results[short] == hf_greedy("qwen2")[0]
     assert [results[long]] == hf_greedy("qwen2", (tuple(long_prompt),))
 
