@@ -38,7 +38,9 @@ def _message(body: ChatCompletionRequest, choice: Choice) -> tuple[dict[str, Any
     if not body.tools_active:
         return {"role": "assistant", "content": choice.text}, choice.finish_reason
     # The parser reads the answer as the model saw it: after any forced start of a call.
-    parsed = parse_tool_calls(forced_prefix(body.tool_choice) + choice.text)
+    parsed = parse_tool_calls(
+        forced_prefix(body.tool_choice) + choice.text, body.tool_names, body.one_tool_call
+    )
     if not parsed.calls:
         return {"role": "assistant", "content": parsed.content}, choice.finish_reason
     message = {"role": "assistant", "content": parsed.content or None, "tool_calls": parsed.calls}
@@ -87,7 +89,9 @@ async def _events(
 
     # One reader per choice, each already past any forced start of a call.
     prefix = forced_prefix(body.tool_choice)
-    readers = [ToolCallStream(prefix) for _ in choices] if body.tools_active else None
+    readers = None
+    if body.tools_active:
+        readers = [ToolCallStream(prefix, body.tool_names, body.one_tool_call) for _ in choices]
     try:
         # The role goes first, before any model work, so clients see the response start at once.
         for choice in choices:
@@ -132,7 +136,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     grammar = await run_in_threadpool(structured_output, body, ctx, forced)
     # One call at most: the answer ends at its closing tag, which the parser does without
     # (an unclosed last block counts). A forced call ends after one anyway.
-    one_call = body.tools_active and body.parallel_tool_calls is False and forced is None
+    one_call = body.one_tool_call and forced is None
     subs = submissions(
         body,
         prompts,

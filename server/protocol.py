@@ -411,6 +411,15 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
         return bool(self.tools) and self.tool_choice != "none"
 
     @property
+    def tool_names(self) -> list[str]:
+        return [tool.function.name for tool in self.tools or []]
+
+    @property
+    def one_tool_call(self) -> bool:
+        """Whether the answer may call one tool at most (``parallel_tool_calls: false``)."""
+        return self.tools_active and self.parallel_tool_calls is False
+
+    @property
     def template_tools(self) -> list[dict[str, Any]] | None:
         return tools_for_template(self.tools) if self.tools_active else None
 

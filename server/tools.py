@@ -12,6 +12,18 @@ call's block is dropped from the content (it only separated the blocks). A block
 first ``</tool_call>``, even one inside a JSON string. Names are not checked against the
 request's tools: a client that wants that checks them, as it must with OpenAI.
 
+Qwen2.5-Coder, the default pair, ignores its template's instruction and answers a tool request
+with a Markdown JSON fence instead (five probes of five that called, greedy)::
+
+    ```json
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    ```
+
+A coder model writes fences for other reasons too, so a fence (with no language or ``json``)
+counts only when its JSON is a call of one of the request's tools, with its arguments, or a
+list of such calls; any other fence stays content. A fence whose body does not start like
+JSON streams on as content at once; one that does is held until it closes.
+
 A forced ``tool_choice`` (``"required"`` or a named function) writes the start of a block into
 the prompt (``forced_prefix``) and constrains the rest (``forced_grammar``): a tool's name, then
 arguments valid for its ``parameters`` schema, then the closing brace, after which the answer
@@ -21,6 +33,7 @@ ends. With ``"auto"`` nothing is constrained: the model chooses whether and how 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +42,11 @@ from engine.config import GrammarSpec
 from server.protocol import NamedToolChoice, Tool
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+FENCE = "```"
+# A fence that may hold a call: no language or JSON's, then the line's end.
+FENCE_OPEN = re.compile(r"```[ \t]*(?:json)?[ \t]*\r?\n", re.IGNORECASE)
+# The end of some text that may still become such a fence.
+PARTIAL_FENCE = re.compile(r"`{1,3}$|```[ \t]*(?:j(?:s(?:on?)?)?)?[ \t]*\r?$", re.IGNORECASE)
 
 
 @dataclass
@@ -89,16 +107,15 @@ def finish_reason(reason: str | None, called: bool) -> str | None:
     return "tool_calls" if called and reason == "stop" else reason
 
 
-def _call(block: str) -> dict[str, Any] | None:
-    """The OpenAI tool call a block's JSON describes, or None when it describes none."""
-    try:
-        data = json.loads(block)
-    except ValueError:
-        return None
+def _call(data: Any, names: frozenset[str] | None) -> dict[str, Any] | None:
+    """The OpenAI tool call a block's parsed JSON describes, or None when it describes none.
+    With ``names`` (a fenced block), only a call of one of them, arguments given, counts."""
     if not isinstance(data, dict):
         return None
     name, arguments = data.get("name"), data.get("arguments", {})
     if not isinstance(name, str) or not name:
+        return None
+    if names is not None and (name not in names or "arguments" not in data):
         return None
     if isinstance(arguments, dict):
         arguments = json.dumps(arguments, ensure_ascii=False)
@@ -111,6 +128,19 @@ def _call(block: str) -> dict[str, Any] | None:
     }
 
 
+def _calls(block: str, names: frozenset[str] | None) -> list[dict[str, Any]]:
+    """The calls in a block: one object, or (fenced) a list of them, all calls; else none."""
+    try:
+        data = json.loads(block)
+    except ValueError:
+        return []
+    if names is not None and isinstance(data, list) and data:
+        calls = [_call(item, names) for item in data]
+        return [c for c in calls if c is not None] if all(calls) else []
+    call = _call(data, names)
+    return [call] if call is not None else []
+
+
 def _partial_open(text: str) -> int:
     """How many characters at the end of ``text`` could be the start of an opening tag."""
     for size in range(min(len(OPEN) - 1, len(text)), 0, -1):
@@ -119,18 +149,32 @@ def _partial_open(text: str) -> int:
     return 0
 
 
+@dataclass
+class _Block:
+    """An opened block: its body starts ``body`` characters into the pending text."""
+
+    body: int
+    close: str
+    fenced: bool
+
+
 class ToolCallStream:
     """Reads one choice's text as it arrives: content goes out as soon as it cannot be part of
-    a block, each call once its block closes (or the text ends).
+    a call, each call once its block closes (or the text ends).
 
-    Held back meanwhile: a possible start of ``<tool_call>``, an open block, and trailing
-    whitespace (dropped if a call follows). Fed in any pieces, the result is the same.
+    Held back meanwhile: a possible start of ``<tool_call>`` (or, with ``names``, of a JSON
+    fence), an open block, and trailing whitespace (dropped if a call follows). Fed in any
+    pieces, the result is the same. With ``one_call``, the answer ends at its first call.
     """
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(
+        self, prefix: str = "", names: list[str] | None = None, one_call: bool = False
+    ) -> None:
         self.calls: list[dict[str, Any]] = []  # every call so far, in order
-        self._pending = ""  # text not yet settled: a partial tag, or a block from its tag on
-        self._in_block = False
+        self._names = frozenset(names) if names else None
+        self._one_call = one_call
+        self._pending = ""  # text not yet settled: a partial opening, or a block from it on
+        self._block: _Block | None = None
         self._space = ""  # content's trailing whitespace, kept back in case a call follows
         self._after_call = False  # so the whitespace right after a call is dropped
         self._ready = Parsed()
@@ -147,39 +191,78 @@ class ToolCallStream:
         ready, self._ready = self._ready, Parsed()
         return ready
 
+    @property
+    def _ended(self) -> bool:
+        return self._one_call and bool(self.calls)
+
     def _advance(self, text: str) -> None:
         self._pending += text
-        while True:
-            if self._in_block:
-                end = self._pending.find(CLOSE, len(OPEN))
+        while not self._ended:
+            block = self._block
+            if block is not None:
+                body = self._pending[block.body :]
+                start = body.lstrip()
+                if block.fenced and start and start[0] not in "{[":
+                    # A code block, not a call: it streams as content from here on.
+                    self._content(self._pending[: block.body])
+                    self._pending, self._block = body, None
+                    continue
+                end = body.find(block.close)
                 if end < 0:
                     return
-                if not self._close_block(self._pending[len(OPEN) : end]):
-                    self._content(self._pending[: end + len(CLOSE)])
-                self._pending, self._in_block = self._pending[end + len(CLOSE) :], False
+                end += block.body
+                if not self._close_block(self._pending[block.body : end], block.fenced):
+                    self._content(self._pending[: end + len(block.close)])
+                self._pending, self._block = self._pending[end + len(block.close) :], None
             else:
-                start = self._pending.find(OPEN)
-                if start < 0:
-                    split = len(self._pending) - _partial_open(self._pending)
+                found = self._opening()
+                if found is None:
+                    split = len(self._pending) - self._partial_opening()
                     self._content(self._pending[:split])
                     self._pending = self._pending[split:]
                     return
+                start, block = found
                 self._content(self._pending[:start])
-                self._pending, self._in_block = self._pending[start:], True
+                self._pending, self._block = self._pending[start:], block
+
+    def _opening(self) -> tuple[int, _Block] | None:
+        """Where the first block opens in the pending text, and the block."""
+        found = None
+        tag = self._pending.find(OPEN)
+        if tag >= 0:
+            found = (tag, _Block(len(OPEN), CLOSE, fenced=False))
+        fence = FENCE_OPEN.search(self._pending) if self._names else None
+        if fence is not None and (found is None or fence.start() < found[0]):
+            found = (fence.start(), _Block(fence.end() - fence.start(), FENCE, fenced=True))
+        return found
+
+    def _partial_opening(self) -> int:
+        held = _partial_open(self._pending)
+        if self._names:
+            fence = PARTIAL_FENCE.search(self._pending)
+            if fence is not None:
+                held = max(held, len(self._pending) - fence.start())
+        return held
 
     def _settle(self) -> None:
         # An unclosed last block counts if its JSON parses; the whitespace was not before a call.
-        if not (self._in_block and self._close_block(self._pending[len(OPEN) :])):
+        block = self._block
+        if not self._ended and not (
+            block is not None and self._close_block(self._pending[block.body :], block.fenced)
+        ):
             self._content(self._pending)
-        self._ready.content += self._space
-        self._pending, self._in_block, self._space = "", False, ""
+        if not self._ended:
+            self._ready.content += self._space
+        self._pending, self._block, self._space = "", None, ""
 
-    def _close_block(self, block: str) -> bool:
-        call = _call(block)
-        if call is None:
+    def _close_block(self, block: str, fenced: bool) -> bool:
+        calls = _calls(block, self._names if fenced else None)
+        if not calls:
             return False
-        self.calls.append(call)
-        self._ready.calls.append(call)
+        if self._one_call:
+            calls = calls[:1]
+        self.calls += calls
+        self._ready.calls += calls
         self._space, self._after_call = "", True
         return True
 
@@ -195,6 +278,6 @@ class ToolCallStream:
         self._ready.content += kept
 
 
-def parse_tool_calls(text: str) -> Parsed:
+def parse_tool_calls(text: str, names: list[str] | None = None, one_call: bool = False) -> Parsed:
     """The whole answer at once: the same split a stream of it gives."""
-    return ToolCallStream().feed(text, last=True)
+    return ToolCallStream(names=names, one_call=one_call).feed(text, last=True)

@@ -61,7 +61,11 @@ def test_real_pair_streams_chat(real_server: RunningServer) -> None:
 
 
 @pytest.mark.real
-def test_real_pair_calls_a_tool(real_server: RunningServer) -> None:
+# "auto": the 1.5B coder answers in a ```json fence rather than a <tool_call> block, which the
+# server reads as a call of a declared tool; "required": the grammar holds the answer to a
+# tool's name and valid arguments, the model picks them.
+@pytest.mark.parametrize("tool_choice", ["auto", "required"])
+def test_real_pair_calls_a_tool(real_server: RunningServer, tool_choice: str) -> None:
     weather = {
         "type": "function",
         "function": {
@@ -78,10 +82,7 @@ def test_real_pair_calls_a_tool(real_server: RunningServer) -> None:
         model=real_server.context.config.model_name,
         messages=[{"role": "user", "content": "What is the weather like in Paris today?"}],
         tools=[weather],
-        # With "auto" the 1.5B coder answers this in a ```json fence rather than a <tool_call>
-        # block (seen 2026-12-03), so the call is forced: the grammar holds it to a tool's
-        # name and valid arguments, the model picks them.
-        tool_choice="required",
+        tool_choice=tool_choice,
         max_tokens=48,
         temperature=0,
     )

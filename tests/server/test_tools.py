@@ -163,8 +163,8 @@ STREAMED = [
 ]
 
 
-def streamed(pieces: list[str], prefix: str = "") -> Parsed:
-    reader = ToolCallStream(prefix)
+def streamed(pieces: list[str], prefix: str = "", names: list[str] | None = None) -> Parsed:
+    reader = ToolCallStream(prefix, names)
     result = Parsed()
     for i, piece in enumerate(pieces):
         ready = reader.feed(piece, last=i == len(pieces) - 1)
@@ -204,6 +204,100 @@ def test_a_forced_prefix_is_held_until_the_model_finishes_the_block() -> None:
     assert functions(ready) == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
     failed = ToolCallStream(forced_prefix("required"))
     assert failed.feed("oops", last=True) == Parsed(content='<tool_call>\n{"name": "oops')
+
+
+# ---- JSON fences (how Qwen2.5-Coder answers) --------------------------------------------------
+
+# The default target's own answer to "What's the weather like in Paris today?" with three tools
+# (greedy, through its chat template; EOS left out as the engine leaves it out of the text).
+QWEN_FENCE = (
+    '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris",\n'
+    '    "unit": "celsius"\n  }\n}\n```'
+)
+NAMES = ["get_weather", "search_web"]
+
+
+def fence(body: str, language: str = "json") -> str:
+    return f"```{language}\n{body}\n```"
+
+
+def test_a_json_fence_calling_one_of_the_tools_is_a_call() -> None:
+    parsed = parse_tool_calls(QWEN_FENCE, NAMES)
+    assert parsed.content == ""
+    assert functions(parsed) == [
+        {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}
+    ]
+    call = '{"name": "search_web", "arguments": {"query": "mars"}}'
+    for language in ("", "JSON", " json "):
+        parsed = parse_tool_calls("Let me search.\n\n" + fence(call, language) + "\n", NAMES)
+        assert parsed.content == "Let me search."
+        assert functions(parsed) == [{"name": "search_web", "arguments": '{"query": "mars"}'}]
+
+
+def test_a_fence_may_hold_a_list_of_calls() -> None:
+    calls = '[{"name": "get_weather", "arguments": {}}, {"name": "search_web", "arguments": {}}]'
+    parsed = parse_tool_calls(fence(calls), NAMES)
+    assert [f["name"] for f in functions(parsed)] == ["get_weather", "search_web"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        fence('{"name": "get_time", "arguments": {}}'),  # not one of the request's tools
+        fence('{"name": "get_weather"}'),  # no arguments: a block would count it, a fence not
+        fence('{"name": "my-app", "version": "1.0.0"}'),  # a package.json
+        fence('[{"name": "get_weather", "arguments": {}}, {"name": "x", "arguments": {}}]'),
+        fence("[]"),
+        fence('{"name": "get_weather", "arguments": {"city": "Par'),  # not JSON
+        fence('{"name": "get_weather", "arguments": {}}', "python"),  # not a JSON fence
+        "```python\ndef f():\n    return 1\n```\nThat is all.",
+    ],
+)
+def test_a_fence_that_is_no_call_of_the_tools_stays_content(text: str) -> None:
+    assert parse_tool_calls(text, NAMES) == Parsed(content=text)
+
+
+def test_without_the_tools_names_fences_are_not_read() -> None:
+    assert parse_tool_calls(QWEN_FENCE) == Parsed(content=QWEN_FENCE)
+
+
+def test_one_call_ends_the_answer_at_its_first_call() -> None:
+    calls = '[{"name": "get_weather", "arguments": {}}, {"name": "search_web", "arguments": {}}]'
+    parsed = parse_tool_calls(fence(calls) + "\nmore", NAMES, one_call=True)
+    assert parsed.content == "" and [f["name"] for f in functions(parsed)] == ["get_weather"]
+    text = "Both:\n" + block("a", {}) + "\nand " + block("b", {}) + " done"
+    parsed = parse_tool_calls(text, one_call=True)
+    assert parsed.content == "Both:" and functions(parsed) == [{"name": "a", "arguments": "{}"}]
+
+
+FENCED = [
+    QWEN_FENCE,
+    "Sure.\n" + QWEN_FENCE + "\n\n" + fence('[{"name": "search_web", "arguments": {}}]'),
+    "Code:\n```python\nx = '```json'\n```\n```\n{\"a\": 1}\n```\n` `` done",
+    # A fence ends at the first ``` even inside a string: no call then.
+    "```json\n" + block("search_web", {"q": "```"})[len("<tool_call>") :],
+    "``` \n" + '{"name": "search_web", "arguments": {}}',  # unclosed at the end: a call
+]
+
+
+@pytest.mark.parametrize("text", FENCED)
+def test_any_split_streams_the_same_fenced_calls_and_content(text: str) -> None:
+    whole = parse_tool_calls(text, NAMES)
+    for cut in range(len(text) + 1):
+        assert same(streamed([text[:cut], text[cut:]], names=NAMES), whole), cut
+    assert same(streamed(list(text), names=NAMES), whole)
+
+
+def test_a_code_fence_streams_at_once_and_a_json_one_waits_for_its_end() -> None:
+    reader = ToolCallStream(names=NAMES)
+    assert reader.feed("Here:\n``") == Parsed(content="Here:")
+    assert reader.feed("`py") == Parsed(content="\n```py")  # no JSON fence: out at once
+    assert reader.feed("thon\nx = 1\n```\n") == Parsed(content="thon\nx = 1")
+    assert reader.feed("Next") == Parsed(content="\n```\nNext")  # opened nothing after all
+    assert reader.feed(":\n```json\n") == Parsed(content=":")
+    assert reader.feed('{"name": "search_web", ') == Parsed()  # may be a call: held
+    ready = reader.feed('"arguments": {}}\n```', last=True)
+    assert ready.content == "" and functions(ready) == [{"name": "search_web", "arguments": "{}"}]
 
 
 # ---- request fields ---------------------------------------------------------------------------
@@ -547,6 +641,31 @@ def test_streamed_calls_per_choice_match_the_whole_answer(
         ("get_time", {}),
     ]
     assert all(c.id.startswith("call_") and c.type == "function" for c in calls[0])
+
+
+def test_the_default_models_fenced_call_comes_back_as_a_tool_call(
+    server: RunningServer, script: Any
+) -> None:
+    pieces = [QWEN_FENCE[i : i + 6] for i in range(0, len(QWEN_FENCE), 6)]
+    script([pieces])
+    result = server.client().chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER])
+    [choice] = result.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    script([pieces])
+    chunks = list(
+        server.client().chat.completions.create(
+            model=MODEL, messages=USER, tools=[WEATHER], stream=True
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.content or "" for d in deltas) == ""
+    [streamed_call] = [call for d in deltas for call in d.tool_calls or []]
+    assert streamed_call.function.name == "get_weather" and streamed_call.index == 0
+    assert json.loads(streamed_call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_the_document_declares_tools_and_response_formats(server: RunningServer) -> None:
