@@ -20,7 +20,7 @@ from engine.cpu_linear import patch_model
 from engine.detokenizer import OutputProcessor
 from engine.device import to_device
 from engine.gamma import CostModel, OutputLengths
-from engine.grammar import GrammarCompiler, advance, constrain
+from engine.grammar import DraftConstraint, GrammarCompiler, advance, constrain
 from engine.logprobs import prompt_logprobs, token_logprobs
 from engine.ngram import PromptLookup
 from engine.penalties import PenaltyState
@@ -500,8 +500,11 @@ class Engine:
                 outside_ids=self._outside_ids(chosen),
             )
             index = to_device(plan.draft_rows, device)
+            constraint = None
+            if any(r.matcher is not None for r in chosen):
+                constraint = DraftConstraint([r.matcher for r in chosen], self.vocab_size)
             proposed, proposed_probs = self.proposer.propose(
-                rows, plan.draft_gamma, sampling.select(plan.draft_rows, index)
+                rows, plan.draft_gamma, sampling.select(plan.draft_rows, index), constraint
             )
             draft_tokens[index, : plan.draft_gamma] = proposed
             if draft_probs is not None and proposed_probs is not None:

@@ -4,8 +4,10 @@ Lark or GBNF grammar) that constrain what a request may generate, matched by llg
 The constraint is a mask on the target's verify logits: position t of a row allows what the
 grammar allows after the row's output and its drafts 0..t-1. Verification then treats the
 masked target law like any other, so speculation stays lossless for it: greedy output equals
-constrained target-only greedy, and sampling follows the masked distribution. Drafts are not
-masked: an ungrammatical draft has target probability 0 and is always rejected, never emitted.
+constrained target-only greedy, and sampling follows the masked distribution. The draft
+model's proposals are masked the same way as they are drafted (``DraftConstraint``): an
+ungrammatical draft has target probability 0 and would always be rejected. Prompt-lookup
+copies are not: they are cut at their first ungrammatical token.
 
 Matching is inherently sequential per token, so this file walks constrained rows token by
 token on the host (about 0.1-0.3 ms a token for the 152k-token vocabulary); unconstrained
@@ -125,12 +127,15 @@ def verify_bitmask(
     for row, (matcher, proposed) in enumerate(zip(matchers, drafts, strict=True)):
         # Checked first: a matcher fed a token it rejects stays in its error state for good.
         valid = matcher.validate_tokens(proposed)
+        consumed = 0
         for position in range(valid + 1):
             _fill(matcher, bitmask[row, position])
-            if position < valid:
+            # A completed grammar takes EOS without counting it, so rollback must not either.
+            if position < valid and not matcher.is_stopped():
                 matcher.consume_token(proposed[position])
+                consumed += 1
         bitmask[row, valid + 1 :] = bitmask[row, valid]
-        matcher.rollback(valid)
+        matcher.rollback(consumed)
     return bitmask
 
 
@@ -162,6 +167,63 @@ def constrain(
     if bool(empty.any()):
         masked = torch.where(empty & allowed, model_logits[index], masked)
     return logits.index_copy(0, index, masked)
+
+
+class DraftConstraint:
+    """The grammars of a draft pass's rows, walked along its drafts: each draft step proposes
+    only what the row's grammar allows after the drafts before it. An ungrammatical draft
+    would be rejected for sure and cut the row's round short; masked, the draft proposes its
+    best grammatical token instead. Lossless as any draft is: the proposer samples from the
+    masked law and reports that law as q. The matchers end as they began (``rollback``)."""
+
+    def __init__(self, matchers: list[llguidance.LLMatcher | None], vocab: int) -> None:
+        self.rows = [i for i, m in enumerate(matchers) if m is not None]
+        self.matchers = [m for m in matchers if m is not None]
+        self.vocab = vocab
+        self._consumed = [0] * len(self.rows)
+        # A row whose grammar completed, or took a draft the mask did not give it (an empty
+        # mask's fallback), drafts on unmasked: its later drafts are the verifier's to reject.
+        self._live = [not m.is_stopped() for m in self.matchers]
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [B, V] with what the grammars rule out at -inf (a row whose grammar
+        leaves nothing keeps its logits)."""
+        words = -(-self.vocab // BITS)
+        bitmask = torch.full((len(self.rows), 1, words), -1, dtype=torch.int32)
+        for j, matcher in enumerate(self.matchers):
+            if self._live[j]:
+                _fill(matcher, bitmask[j, 0])
+        allowed = allowed_tokens(bitmask, self.vocab, logits.device)[:, 0]
+        extra = logits.shape[-1] - self.vocab
+        if extra:  # columns past the grammar's vocabulary: left as they are (none in practice)
+            allowed = torch.nn.functional.pad(allowed, (0, extra), value=True)
+        whole = len(self.rows) == logits.shape[0]
+        index = None if whole else torch.tensor(self.rows, device=logits.device)
+        rows = logits if index is None else logits[index]
+        masked = rows.masked_fill(~allowed, float("-inf"))
+        empty = torch.isneginf(masked).all(dim=-1, keepdim=True)
+        if bool(empty.any()):  # the drafting already waits on the host every step
+            masked = torch.where(empty, rows, masked)
+        return masked if index is None else logits.index_copy(0, index, masked)
+
+    def consume(self, tokens: list[int]) -> None:
+        """Moves each row's grammar past its draft of this step (``tokens``: one per row)."""
+        for j, (row, matcher) in enumerate(zip(self.rows, self.matchers, strict=True)):
+            if not self._live[j]:
+                continue
+            # Checked first: a matcher fed a token it rejects stays in its error state.
+            if matcher.validate_tokens([tokens[row]]) != 1:
+                self._live[j] = False
+                continue
+            matcher.consume_token(tokens[row])
+            self._consumed[j] += 1
+            self._live[j] = not matcher.is_stopped()
+
+    def rollback(self) -> None:
+        for j, matcher in enumerate(self.matchers):
+            matcher.rollback(self._consumed[j])
+            self._consumed[j] = 0
+        self._live = [not m.is_stopped() for m in self.matchers]
 
 
 def advance(matcher: llguidance.LLMatcher, tokens: list[int]) -> tuple[list[int], bool]:

@@ -100,6 +100,9 @@ class RoundPlanner:
                 )
             )
             proposal = request.lookup.propose(caps[index]) if request.lookup is not None else []
+            if proposal and request.matcher is not None:
+                # A copy past its first ungrammatical token would be rejected there for sure.
+                proposal = proposal[: request.matcher.validate_tokens(proposal)]
             if proposal:
                 alpha = request.ngram_acceptance.alpha(ngram_prior)
                 rows = len(batch)

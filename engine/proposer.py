@@ -8,6 +8,7 @@ import torch
 from engine.config import SamplingParams
 from engine.cpu_linear import linear, patch_linear
 from engine.device import to_device
+from engine.grammar import DraftConstraint
 from engine.penalties import RowPenalties
 from engine.runner import ModelRunner, RaggedBatch
 from engine.sampling import DRAFT_SAMPLE, sample_from, uniform, warp_probs
@@ -183,10 +184,14 @@ class DraftProposer:
         return logits[..., : self.target_vocab]
 
     def propose(
-        self, rows: DraftRows, gamma: int, sampling: RowSampling
+        self,
+        rows: DraftRows,
+        gamma: int,
+        sampling: RowSampling,
+        constraint: DraftConstraint | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns draft tokens [B, gamma] and, unless all rows are greedy, their warped
-        distributions [B, gamma, V]."""
+        distributions [B, gamma, V]; with ``constraint``, what the rows' grammars allow."""
         device = self.runner.device
         self.also_score(rows.outside_ids)
         first_position = to_device(rows.first_positions, device)
@@ -201,6 +206,8 @@ class DraftProposer:
             if sampling.penalties is not None:
                 # Penalised as the target will score these positions, so greedy drafts agree.
                 logits = sampling.penalise(logits[:, None], drafted)[:, 0]
+            if constraint is not None:
+                logits = constraint.mask(logits)
             token = logits.argmax(-1)
             if not sampling.all_greedy:
                 step_probs = sampling.warp(logits[:, None])[:, 0]
@@ -208,10 +215,14 @@ class DraftProposer:
                 token = torch.where(sampling.greedy, token, sample_from(step_probs, u))
                 probs.append(step_probs)
             tokens.append(token)
+            if constraint is not None and step + 1 < gamma:
+                constraint.consume(token.tolist())  # the grammars walk on the host
             if sampling.penalties is not None:
                 drafted = torch.cat([drafted, token[:, None]], dim=1)
             if step + 1 < gamma:
                 starts = [n + step for n in rows.next_positions]
                 batch = RaggedBatch(token[:, None], rows.slots, starts, [1] * len(rows.slots))
+        if constraint is not None:
+            constraint.rollback()
         draft_probs = torch.stack(probs, 1) if probs else None
         return torch.stack(tokens, 1), draft_probs

@@ -10,7 +10,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from engine.config import EngineConfig, GrammarSpec, SamplingParams
 from engine.engine import Engine
-from engine.grammar import GrammarCompiler, allowed_tokens, constrain, verify_bitmask
+from engine.grammar import (
+    DraftConstraint,
+    GrammarCompiler,
+    allowed_tokens,
+    constrain,
+    verify_bitmask,
+)
 from engine.sampling import warp_probs
 from tests.engine.conftest import VOCAB, perturbed, tiny_model
 from tests.engine.test_verifier import _chi_square, _chi_square_critical
@@ -121,6 +127,83 @@ def test_verify_masks_follow_each_draft_prefix_and_leave_the_matcher_as_it_was(
         reference.consume_tokens(done)
         assert torch.equal(_allowed_reference(matcher), _allowed_reference(reference))
         assert not matcher.is_error()
+
+
+def test_a_draft_that_completes_the_grammar_and_then_proposes_eos_leaves_the_matcher_as_it_was(
+    tokenizer,
+) -> None:
+    compiler = GrammarCompiler(tokenizer, VOCAB, {EOS})
+    spec = GrammarSpec("choice", json.dumps(CHOICES))
+    the, dog = tokenizer("the").input_ids, tokenizer("the dog").input_ids[1:]
+    matcher = compiler.matcher(spec)
+    assert matcher.consume_tokens(the)
+    # "the dog" is complete without EOS: the matcher stops there and takes EOS without
+    # counting it, which a rollback of every draft would have undone "the" for.
+    verify_bitmask([matcher], [[*dog, EOS]], len(dog) + 2, VOCAB)
+    reference = compiler.matcher(spec)
+    assert reference.consume_tokens(the)
+    assert torch.equal(_allowed_reference(matcher), _allowed_reference(reference))
+    assert matcher.validate_tokens(dog) == len(dog)
+
+
+def test_draft_masks_follow_each_draft_and_leave_the_matchers_as_they_were(tokenizer) -> None:
+    compiler = GrammarCompiler(tokenizer, VOCAB, {EOS})
+    spec = GrammarSpec("choice", json.dumps(CHOICES))
+    matchers = [compiler.matcher(spec), None, compiler.matcher(spec)]
+    assert matchers[2].consume_tokens(tokenizer("the").input_ids)
+    constraint = DraftConstraint(matchers, VOCAB)
+    torch.manual_seed(0)
+    drafted: list[list[int]] = [[], [], []]
+    for _ in range(8):
+        logits = torch.randn(3, VOCAB)
+        masked = constraint.mask(logits)
+        assert torch.equal(masked[1], logits[1])  # a row without a grammar drafts freely
+        for row in (0, 2):
+            reference = compiler.matcher(spec)
+            assert reference.consume_tokens(tokenizer("the").input_ids if row else [])
+            for token in drafted[row]:  # up to the grammar's end: drafts past it are free
+                if reference.is_stopped():
+                    break
+                assert reference.consume_token(token)
+            allowed = _allowed_reference(reference)
+            if reference.is_stopped():
+                assert torch.equal(masked[row], logits[row])
+            else:
+                assert torch.equal(torch.isfinite(masked[row]), allowed)
+                assert torch.equal(masked[row][allowed], logits[row][allowed])
+        tokens = masked.argmax(-1).tolist()
+        constraint.consume(tokens)
+        for row in range(3):
+            drafted[row].append(tokens[row])
+    # Row 0 is on its way to a choice; row 2's grammar completed ("the" + " dog" or " fox",
+    # at most 4 tokens), and its later drafts were free.
+    text = tokenizer.decode(drafted[0])
+    assert any(choice.startswith(text) or text.startswith(choice) for choice in CHOICES)
+    assert ("the" + tokenizer.decode(drafted[2])).startswith(("the dog", "the fox"))
+    constraint.rollback()
+    done_before = ([], tokenizer("the").input_ids)
+    for matcher, done in zip((matchers[0], matchers[2]), done_before, strict=True):
+        reference = compiler.matcher(spec)
+        assert reference.consume_tokens(done)
+        assert torch.equal(_allowed_reference(matcher), _allowed_reference(reference))
+
+
+def test_masked_drafts_are_accepted_more_often(tokenizer, monkeypatch) -> None:
+    target, close_draft, _ = _models()
+    spec = GrammarSpec("regex", "[a-z ]{3,30}[0-9]{2}")
+    params = SamplingParams(max_tokens=24, temperature=0, grammar=spec)
+    config = EngineConfig(gamma=4, max_slots=4, max_len=64, adaptive_gamma=False, prompt_lookup=0)
+    rates, outputs = [], []
+    for masked in (True, False):
+        if not masked:
+            monkeypatch.setattr(DraftConstraint, "mask", lambda self, logits: logits)
+        eng = Engine(target, close_draft, config, tokenizer)
+        outputs.append([r.token_ids for r in eng.generate(PROMPTS, params)])
+        rates.append(eng.stats.acceptance_rate)
+    assert outputs[0] == outputs[1]
+    # A random model's free choice is rarely grammatical, the draft's like the target's: free,
+    # the close draft is mostly refused; masked, it picks the target's constrained choice.
+    assert rates[0] > rates[1] + 0.3, rates
 
 
 def test_constrain_masks_only_grammar_rows_and_never_leaves_a_position_empty(tokenizer) -> None:

@@ -73,6 +73,26 @@ def test_a_repeating_context_takes_copied_drafts() -> None:
     assert plan.draft_rows == []
 
 
+class Grammar:
+    """Stands in for a row's matcher: allows the first ``valid`` tokens of anything."""
+
+    def __init__(self, valid: int) -> None:
+        self.valid = valid
+
+    def validate_tokens(self, tokens: list[int]) -> int:
+        return min(self.valid, len(tokens))
+
+
+def test_a_copy_is_cut_at_its_first_ungrammatical_token() -> None:
+    plans = []
+    for valid in (2, 0):
+        repeating = request([5, 6, 7, 8, 9, 1, 5, 6], [7], lookup=True, proposer="ngram")
+        repeating.matcher = Grammar(valid)  # type: ignore[assignment]
+        plans.append(planner().plan([repeating], costs=CHEAP_VERIFY, coming=0))
+    assert plans[0].lookups == {0: [8, 9]} and plans[0].row_gamma == [2]
+    assert plans[1].lookups == {} and plans[1].row_gamma == [0]
+
+
 def test_adaptive_gamma_drafts_less_as_the_batch_fills() -> None:
     # A verify of up to 8 tokens costs what one does: alone a row drafts its all; four rows
     # drafting 4 each would verify 20 tokens, dearer per token than what they gain.
