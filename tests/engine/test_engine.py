@@ -872,46 +872,29 @@ def test_a_second_prompt_waits_rather_than_take_a_sliver_of_the_chunk() -> None:
     assert [r.token_ids for r in results] == [r.token_ids for r in alone]
 
 
-def test_with_nothing_decoding_the_shortest_prompts_start_first() -> None:
+@pytest.mark.parametrize("arrival", ["with the long one", "after its first chunk"])
+def test_with_nothing_decoding_a_short_prompt_starts_before_a_long_one(arrival: str) -> None:
     target, unrelated = models("qwen2")
     config = EngineConfig(gamma=3, max_slots=3, max_len=128, prefill_chunk=32)
     eng = Engine(target, unrelated, config)
     computed = record_prefills(eng)
     long_prompt = list(range(3, 83))  # 79 tokens to compute
     long = eng.add_request(long_prompt, GREEDY)
-    short = eng.add_request(PROMPTS[0], GREEDY)  # 6, arriving after the long one
-    first = eng.step()
-    # The short prompt alone, and its stream starts at once.
-    assert computed == [[6]] and [o.request_id for o in first] == [short]
-    results = {short: first[0].new_token_ids, long: []}
-    while eng.has_work():
-        for out in eng.step():
-            results[out.request_id] += out.new_token_ids
-    # Then the long one in chunks between the short one's rounds.
-    assert computed[1:] == [[27], [26], [26]]
-    assert results[short] == hf_greedy("qwen2")[0]
-    assert [results[long]] == hf_greedy("qwen2", (tuple(long_prompt),))
-
-
-def test_a_prompt_arriving_while_a_long_one_prefills_alone_starts_first() -> None:
-    target, unrelated = models("qwen2")
-    config = EngineConfig(gamma=3, max_slots=3, max_len=128, prefill_chunk=32)
-    eng = Engine(target, unrelated, config)
-    computed = record_prefills(eng)
-    long_prompt = list(range(3, 83))  # 79 tokens to compute
-    long = eng.add_request(long_prompt, GREEDY)
-    assert eng.step() == []
-    # Nothing decodes, and still only a chunk: the step ends early enough for an arrival.
-    assert computed == [[27]]
+    if arrival == "after its first chunk":
+        assert eng.step() == []
+        # Nothing decodes, and still only a chunk: the step ends early enough for an arrival.
+        assert computed == [[27]]
     short = eng.add_request(PROMPTS[0], GREEDY)  # 6 tokens to compute
     first = eng.step()
-    assert computed[1:] == [[6]] and [o.request_id for o in first] == [short]
+    # The short prompt alone, and its stream starts at once.
+    assert computed[-1] == [6] and [o.request_id for o in first] == [short]
+    computed.clear()
     results = {short: first[0].new_token_ids, long: []}
     while eng.has_work():
         for out in eng.step():
             results[out.request_id] += out.new_token_ids
-    # The long one's other two chunks, between the short one's rounds.
-    assert computed[2:] == [[26], [26]]
+    # Then the long one's (other) chunks between the short one's rounds.
+    assert computed == ([[27], [26], [26]] if arrival == "with the long one" else [[26], [26]])
     assert results[short] == hf_greedy("qwen2")[0]
     assert [results[long]] == hf_greedy("qwen2", (tuple(long_prompt),))
 
