@@ -9,8 +9,9 @@ Such a model calls a function by writing a block, possibly several, possibly aft
 Every block whose JSON is an object with a ``name`` becomes a call; everything else, including a
 block whose JSON does not parse, stays content: no call is ever invented. Whitespace next to a
 call's block is dropped from the content (it only separated the blocks). A block ends at the
-first ``</tool_call>``, even one inside a JSON string. Names are not checked against the
-request's tools: a client that wants that checks them, as it must with OpenAI.
+first ``</tool_call>``, even one inside a JSON string; its JSON may sit in a Markdown fence
+(```` ```json ````). Names are not checked against the request's tools: a client that wants
+that checks them, as it must with OpenAI.
 
 Qwen2.5-Coder, the default pair, ignores its template's instruction and answers a tool request
 with a Markdown JSON fence instead (five probes of five that called, greedy)::
@@ -45,6 +46,8 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FENCE = "```"
 # A fence that may hold a call: no language or JSON's, then the line's end.
 FENCE_OPEN = re.compile(r"```[ \t]*(?:json)?[ \t]*\r?\n", re.IGNORECASE)
+# A whole block that is such a fence, for its body.
+FENCED_BODY = re.compile(r"\s*```[ \t]*(?:json)?[ \t]*\r?\n(.*)```\s*", re.IGNORECASE | re.DOTALL)
 # The end of some text that may still become such a fence.
 PARTIAL_FENCE = re.compile(r"`{1,3}$|```[ \t]*(?:j(?:s(?:on?)?)?)?[ \t]*\r?$", re.IGNORECASE)
 
@@ -129,9 +132,11 @@ def _call(data: Any, names: frozenset[str] | None) -> dict[str, Any] | None:
 
 
 def _calls(block: str, names: frozenset[str] | None) -> list[dict[str, Any]]:
-    """The calls in a block: one object, or (fenced) a list of them, all calls; else none."""
+    """The calls in a block: one object, or (fenced) a list of them, all calls; else none.
+    A ``<tool_call>`` block may wrap its JSON in a fence too."""
+    inner = FENCED_BODY.fullmatch(block) if names is None else None
     try:
-        data = json.loads(block)
+        data = json.loads(inner.group(1) if inner else block)
     except ValueError:
         return []
     if names is not None and isinstance(data, list) and data:

@@ -257,6 +257,14 @@ def test_a_fence_that_is_no_call_of_the_tools_stays_content(text: str) -> None:
     assert parse_tool_calls(text, NAMES) == Parsed(content=text)
 
 
+def test_a_block_may_wrap_its_call_in_a_fence() -> None:
+    text = "<tool_call>\n" + QWEN_FENCE + "\n</tool_call>"
+    for names in (None, NAMES):  # a block's call counts whatever its name, as ever
+        assert functions(parse_tool_calls(text, names)) == [
+            {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}
+        ]
+
+
 def test_without_the_tools_names_fences_are_not_read() -> None:
     assert parse_tool_calls(QWEN_FENCE) == Parsed(content=QWEN_FENCE)
 
