@@ -45,9 +45,10 @@ from server.protocol import NamedToolChoice, Tool
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FENCE = "```"
 # A fence that may hold a call: no language or JSON's, then the line's end.
-FENCE_OPEN = re.compile(r"```[ \t]*(?:json)?[ \t]*\r?\n", re.IGNORECASE)
+_FENCE_HEAD = r"```[ \t]*(?:json)?[ \t]*\r?\n"
+FENCE_OPEN = re.compile(_FENCE_HEAD, re.IGNORECASE)
 # A whole block that is such a fence, for its body.
-FENCED_BODY = re.compile(r"\s*```[ \t]*(?:json)?[ \t]*\r?\n(.*)```\s*", re.IGNORECASE | re.DOTALL)
+FENCED_BODY = re.compile(rf"\s*{_FENCE_HEAD}(.*)```\s*", re.IGNORECASE | re.DOTALL)
 # The end of some text that may still become such a fence.
 PARTIAL_FENCE = re.compile(r"`{1,3}$|```[ \t]*(?:j(?:s(?:on?)?)?)?[ \t]*\r?$", re.IGNORECASE)
 
@@ -206,8 +207,7 @@ class ToolCallStream:
             block = self._block
             if block is not None:
                 body = self._pending[block.body :]
-                start = body.lstrip()
-                if block.fenced and start and start[0] not in "{[":
+                if block.fenced and body.strip() and body.lstrip()[0] not in "{[":
                     # A code block, not a call: it streams as content from here on.
                     self._content(self._pending[: block.body])
                     self._pending, self._block = body, None
@@ -252,12 +252,12 @@ class ToolCallStream:
     def _settle(self) -> None:
         # An unclosed last block counts if its JSON parses; the whitespace was not before a call.
         block = self._block
-        if not self._ended and not (
-            block is not None and self._close_block(self._pending[block.body :], block.fenced)
-        ):
-            self._content(self._pending)
         if not self._ended:
-            self._ready.content += self._space
+            if not (
+                block is not None and self._close_block(self._pending[block.body :], block.fenced)
+            ):
+                self._content(self._pending)
+            self._ready.content += self._space  # "" after a call
         self._pending, self._block, self._space = "", None, ""
 
     def _close_block(self, block: str, fenced: bool) -> bool:
