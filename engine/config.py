@@ -86,7 +86,8 @@ class EngineConfig:
     # only proposer.
     prompt_lookup: int = 0
     # A new request goes to the free slot whose target K/V (left by its previous request) shares
-    # the longest prefix with its prompt, and computes only the rest (engine/scheduler.py).
+    # the longest prefix with its prompt, and computes only the rest; a prefix another running
+    # request holds, or is computing, is copied from its slot (engine/scheduler.py).
     prefix_cache: bool = True
     # Prompt tokens admitted per step (at least one request; 0 = every free slot at once).
     # Decode rounds of running requests go on between admissions.

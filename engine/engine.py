@@ -29,7 +29,7 @@ from engine.prefill_pace import CHUNK_GRAIN, PrefillPace
 from engine.proposer import DraftProposer, DraftRows, RowSampling
 from engine.request import Request, RequestOutput, RequestStats, TokenLogprob
 from engine.runner import ModelRunner, RaggedBatch, max_context
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, prefix_followers
 from engine.stats import EngineStats, RoundRecord
 from engine.verifier import verify
 
@@ -348,13 +348,18 @@ class Engine:
         ``prefill_chunk_seconds``. With none decoding (a burst of arrivals, or one long
         prompt alone), the shortest prompts go first, ``prefill_chunk`` tokens at most: on a
         2-core CPU parts of 230-640 tokens of a 1280-token prompt cost what the whole does,
-        and a prompt arriving between two parts starts before the long one goes on."""
+        and a prompt arriving between two parts starts before the long one goes on. A prompt
+        whose prefix another slot holds or is computing copies it rather than computing it too
+        (``_copy_shared_prefixes``)."""
         self._prefilling = [r for r in self._prefilling if not r.finished]  # aborted meanwhile
+        self._copy_shared_prefixes()
+        following = prefix_followers(self._prefilling) if self.config.prefix_cache else set()
+        computing = [r for r in self._prefilling if r.request_id not in following]
         decoding = any(r.prefilled for r in self.scheduler.running.values())
         if decoding:
-            work = self._chunks_beside_decoding()
+            work = self._chunks_beside_decoding(computing)
         else:
-            left = [(r, r.num_tokens - 1 - r.target_len) for r in self._prefilling]
+            left = [(r, r.num_tokens - 1 - r.target_len) for r in computing]
             groups = padding_groups([item for item in left if item[1]], _size)
             # The group closest to its first tokens (by what is left) goes, a chunk of it.
             chunk = self.config.prefill_chunk
@@ -364,14 +369,28 @@ class Engine:
             # Only now: a slot released after a failed prefill must not claim K/V it lacks.
             for request, size in group:
                 request.target_len += size
+        if following:
+            self._copy_shared_prefixes()  # what their leaders have just computed
         self._prefilling = [r for r in self._prefilling if not r.prefilled]
 
-    def _chunks_beside_decoding(self) -> list[tuple[Request, int]]:
+    def _copy_shared_prefixes(self) -> None:
+        """Each prefilling row takes the longest prefix of its prompt that another running
+        row's target slot holds beyond its own: n choices of one prompt, or requests on one
+        document, compute it once. The copied K/V are the donor's bit for bit; the draft slot
+        catches up on its own, as after any prefix-cache hit."""
+        for request in self._prefilling:
+            donor, shared = self.scheduler.prefix_donor(request)
+            if donor is not None:
+                self.target.cache.copy(donor.slot, request.slot, request.target_len, shared)
+                request.stats.cached_tokens += shared - request.target_len
+                request.target_len = shared
+
+    def _chunks_beside_decoding(self, prefilling: list[Request]) -> list[tuple[Request, int]]:
         config = self.config
         chunk = self.prefill_pace.chunk_tokens(config.prefill_chunk, config.prefill_chunk_seconds)
         budget = chunk or float("inf")
         work: list[tuple[Request, int]] = []
-        for request in self._prefilling:
+        for request in prefilling:
             if budget <= 0:
                 break
             remaining = request.num_tokens - 1 - request.target_len

@@ -34,7 +34,9 @@ class RequestStats:
     drafted: int = 0  # draft tokens proposed for it
     accepted: int = 0  # draft tokens the target accepted
     generated: int = 0  # tokens emitted
-    cached_tokens: int = 0  # prompt tokens whose K/V a previous request left in the slot
+    # Prompt tokens whose K/V were not computed for this request: a previous request left them
+    # in its slot, or another running request's slot held them (engine/scheduler.py).
+    cached_tokens: int = 0
     # Drafts copied from the request's predicted output that the target accepted / rejected.
     prediction_accepted: int = 0
     prediction_rejected: int = 0
@@ -132,7 +134,7 @@ class Request:
 
     @property
     def cached_len(self) -> int:
-        """Prompt tokens whose K/V the slot already held at admission (the prefix cache)."""
+        """Prompt tokens whose K/V the slot held at admission, or copied since (prefix cache)."""
         return self.stats.cached_tokens
 
     @property

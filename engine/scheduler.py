@@ -27,7 +27,10 @@ class Scheduler:
     last request's prompt and output), and a new request goes to the free slot sharing the
     longest prefix with its prompt: those positions are not computed again. A chat's next turn
     (the previous turn's prompt and answer, then a new message) or prompts sharing a system
-    prompt skip most of their prefill.
+    prompt skip most of their prefill. Busy slots share too (``prefix_donor``): a prompt that
+    another running request has computed part of (the n choices of one prompt, questions on one
+    document) is copied from its slot, and ``prefix_followers`` says which prompts wait for
+    another's prefill rather than compute the same prefix beside it.
     """
 
     def __init__(self, max_slots: int, reuse_prefixes: bool = False) -> None:
@@ -73,6 +76,23 @@ class Scheduler:
                 best_slot, best_len = slot, shared
         return best_slot, best_len
 
+    def prefix_donor(self, request: Request) -> tuple[Request | None, int]:
+        """The running request whose target slot holds the longest prefix of ``request``'s
+        prompt (all but its last token), if longer than what ``request``'s own slot holds, and
+        that length. A slot's K/V before its ``target_len`` never change, so they can be
+        copied while their request goes on."""
+        best, best_len = None, request.target_len
+        if not self.reuse_prefixes or request.prompt_logprobs_pending:
+            return best, best_len
+        needed = request.prompt_token_ids[:-1]
+        for holder in self.running.values():
+            if holder is request or holder.target_len <= best_len:
+                continue
+            shared = common_prefix(holder.token_ids[: holder.target_len], needed)
+            if shared > best_len:
+                best, best_len = holder, shared
+        return best, best_len
+
     def batch(self) -> list[Request]:
         return [self.running[slot] for slot in sorted(self.running)]
 
@@ -101,3 +121,24 @@ class Scheduler:
     @property
     def num_free_slots(self) -> int:
         return len(self._free)
+
+
+def prefix_followers(prefilling: list[Request]) -> set[str]:
+    """The ids of prefilling requests that should wait for another one's prefill and then copy
+    it (``Scheduler.prefix_donor``) rather than compute the same prefix alongside: those for
+    which a request at least as far along will compute at least half of what they lack. The
+    half keeps a short prompt that merely shares a chat header with a long one from waiting
+    out the long one's chunks."""
+    leaders: list[Request] = []
+    following: set[str] = set()
+    # The furthest along leads; among equals, the first admitted (sorted is stable).
+    for request in sorted(prefilling, key=lambda r: -r.target_len):
+        needed = request.prompt_token_ids[:-1]
+        lacking = len(needed) - request.target_len
+        if leaders and lacking > 0 and not request.prompt_logprobs_pending:
+            shared = max(common_prefix(r.prompt_token_ids[:-1], needed) for r in leaders)
+            if 2 * (shared - request.target_len) >= lacking:
+                following.add(request.request_id)
+                continue
+        leaders.append(request)
+    return following

@@ -152,8 +152,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     _switch(
         group,
         "--prefix-cache",
-        "a request reuses the K/V of the longest prefix of its prompt that a free slot "
-        "still holds (a chat's earlier turns; default on)",
+        "a request reuses the K/V of the longest prefix of its prompt that a slot holds: a "
+        "free one's earlier request (a chat's earlier turns), or a running one's (n choices, "
+        "one document; default on)",
     )
     _switch(
         group,

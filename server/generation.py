@@ -112,11 +112,12 @@ async def collect(request: Request, stream: RequestStream, choices: list[Choice]
 def usage(choices: list[Choice], prompts: list[Prompt]) -> dict:
     prompt_tokens = sum(len(p.ids) for p in prompts)  # once per prompt, however many choices
     completion_tokens = sum(c.num_generated for c in choices)
-    # Prompt tokens whose K/V a slot already held (OpenAI's field), again once per prompt.
+    # Prompt tokens whose K/V a slot already held (OpenAI's field), again once per prompt: the
+    # fewest over its choices, since the others copy what the first computes.
     cached: dict[int, int] = {}
     for choice in choices:
         held = choice.stats.cached_tokens if choice.stats is not None else 0
-        cached[id(choice.prompt)] = max(cached.get(id(choice.prompt), 0), held)
+        cached[id(choice.prompt)] = min(cached.get(id(choice.prompt), held), held)
     result = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

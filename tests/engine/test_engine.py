@@ -793,6 +793,77 @@ def test_a_follow_up_turn_computes_only_what_its_slot_does_not_hold(draft_kind: 
         )
 
 
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_choices_of_one_prompt_compute_it_once(prefix_cache: bool) -> None:
+    target, unrelated = models("qwen2")
+    config = EngineConfig(gamma=3, max_slots=3, max_len=128, prefix_cache=prefix_cache)
+    eng = Engine(target, unrelated, config)
+    computed = record_prefills(eng)
+    prompt = PROMPTS[2]
+    results = eng.generate([prompt] * 3, GREEDY)  # n = 3, as the server sends them
+    assert [r.token_ids for r in results] == hf_greedy("qwen2")[2:3] * 3
+    held = len(prompt) - 1
+    if not prefix_cache:
+        assert computed == [[held] * 3]
+        return
+    assert computed == [[held]]
+    assert [r.stats.cached_tokens for r in results] == [0, held, held]
+    # The copies are the computed slot's K/V bit for bit.
+    cache = eng.target.cache
+    for layer in range(len(cache.keys)):
+        for slot in (1, 2):
+            assert torch.equal(cache.slot_keys(layer, slot, held), cache.slot_keys(layer, 0, held))
+            assert torch.equal(
+                cache.slot_values(layer, slot, held), cache.slot_values(layer, 0, held)
+            )
+
+
+def test_a_prompt_copies_the_document_a_running_request_holds() -> None:
+    target, unrelated = models("qwen2")
+    config = EngineConfig(gamma=3, max_slots=2, max_len=128, prompt_lookup=0)
+    eng = Engine(target, unrelated, config)
+    computed = record_prefills(eng)
+    document = list(range(40, 70))
+    first_prompt, second_prompt = document + [5, 6], document + [7, 8, 9]
+    first = eng.add_request(first_prompt, GREEDY)
+    results = {first: [], "second": []}
+    for _ in range(3):  # prefilled, then decoding
+        for out in eng.step():
+            results[out.request_id] += out.new_token_ids
+    assert computed == [[len(first_prompt) - 1]] and results[first]
+    second = eng.add_request(second_prompt, GREEDY)
+    results[second] = []
+    finished = {}
+    while eng.has_work():
+        for out in eng.step():
+            results[out.request_id] += out.new_token_ids
+            if out.finished:
+                finished[out.request_id] = out.stats
+    # Only the new question is computed (its last token goes to its first round).
+    assert computed[1:] == [[2]]
+    assert finished[second].cached_tokens == len(document)
+    expected = hf_greedy("qwen2", (tuple(first_prompt), tuple(second_prompt)))
+    assert [results[first], results[second]] == expected
+
+
+def test_a_prompt_waits_for_the_chunks_of_one_it_shares_most_of() -> None:
+    target, unrelated = models("qwen2")
+    config = EngineConfig(gamma=3, max_slots=3, max_len=128, prefill_chunk=16)
+    eng = Engine(target, unrelated, config)
+    computed = record_prefills(eng)
+    document = list(range(3, 43))  # 40 tokens
+    prompts = [document + [50], document + [51, 52, 53], [60, 61, 62, 63]]
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+    results: dict[str, list[int]] = {i: [] for i in ids}
+    while eng.has_work():
+        for out in eng.step():
+            results[out.request_id] += out.new_token_ids
+    # The unrelated short prompt first; then the document once, in chunks, for both; then
+    # only the second question's own tokens.
+    assert computed == [[3], [14], [13], [13], [2]]
+    assert [results[i] for i in ids] == hf_greedy("qwen2", tuple(tuple(p) for p in prompts))
+
+
 def record_prefills(eng: Engine) -> list[list[int]]:
     """Makes the engine's target note the tokens per row of every prompt forward."""
     computed: list[list[int]] = []

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from engine.config import SamplingParams
 from engine.request import Request, Status
-from engine.scheduler import Scheduler, common_prefix
+from engine.scheduler import Scheduler, common_prefix, prefix_followers
 
 
 def _request(name: str) -> Request:
@@ -117,3 +117,57 @@ def test_without_prefix_reuse_nothing_is_cached() -> None:
     scheduler.add(again)
     scheduler.admit()
     assert again.cached_len == 0
+
+
+def _prompt_request(name: str, prompt: list[int], target_len: int = 0) -> Request:
+    request = Request(name, prompt, SamplingParams(), seed=0, gamma=0, max_new_tokens=4)
+    request.target_len = target_len
+    return request
+
+
+def test_a_running_slot_lends_the_longest_prefix_it_holds_beyond_the_requests_own() -> None:
+    scheduler = Scheduler(max_slots=4, reuse_prefixes=True)
+    document = list(range(10, 30))
+    partly = _prompt_request("partly", document + [1, 2], target_len=12)  # still prefilling
+    decoding = _prompt_request("decoding", document + [3], target_len=21)
+    decoding.output_token_ids = [7, 8]  # its slot holds the prompt and one output token
+    asking = _prompt_request("asking", document + [4, 5, 6])
+    for request in (partly, decoding, asking):
+        scheduler.add(request)
+    scheduler.admit()
+    donor, shared = scheduler.prefix_donor(asking)
+    assert donor is decoding and shared == len(document)
+    # Only beyond what the request already has; and never from itself.
+    asking.target_len = len(document)
+    assert scheduler.prefix_donor(asking) == (None, len(document))
+    # A whole prompt but its last token, which the first round feeds.
+    twin = _prompt_request("twin", document + [3])
+    scheduler.add(twin)
+    scheduler.admit()
+    assert scheduler.prefix_donor(twin) == (decoding, len(document))
+    # Prompt logprobs need the forward over every prompt position; without reuse, nothing.
+    twin.prompt_logprobs_pending = True
+    assert scheduler.prefix_donor(twin) == (None, 0)
+    off = Scheduler(max_slots=2, reuse_prefixes=False)
+    for request in (_prompt_request("a", document + [3], 20), _prompt_request("b", document)):
+        off.add(request)
+    off.admit()
+    assert off.prefix_donor(off.running[1]) == (None, 0)
+
+
+def test_a_prompt_waits_for_a_prefill_that_will_compute_most_of_what_it_lacks() -> None:
+    document = list(range(10, 40))  # 30 tokens
+    first = _prompt_request("first", document + [1])
+    same = _prompt_request("same", document + [1])
+    other_question = _prompt_request("other", document + [2, 3, 4])
+    # Shares a 2-token header with the document: waiting would save it little.
+    short = _prompt_request("short", [10, 11, 99, 98, 97, 96, 95])
+    unrelated = _prompt_request("unrelated", [5, 6, 7])
+    prefilling = [first, same, other_question, short, unrelated]
+    assert prefix_followers(prefilling) == {"same", "other"}
+    # The one further along leads, whatever the order of admission.
+    same.target_len = 8
+    assert prefix_followers(prefilling) == {"first", "other"}
+    # A follower that needs its own forward over the prompt does not wait.
+    other_question.prompt_logprobs_pending = True
+    assert prefix_followers(prefilling) == {"first"}

@@ -234,6 +234,26 @@ def test_several_token_prompts_answered_by_index(server: RunningServer, referenc
     assert result["usage"]["prompt_tokens"] == 6  # each prompt once, whatever n is
 
 
+def test_the_choices_of_one_prompt_compute_it_once(
+    server: RunningServer, reference: Engine
+) -> None:
+    prompt = list(range(91, 111))  # ids no other test sends first: no free slot holds them
+    body = {"model": MODEL, "prompt": prompt, "n": 3, "max_tokens": 5, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    cached_total = ("specserve:prompt_tokens_cached_total", ())
+    before = server.metrics()[cached_total]
+    with server.http() as http:
+        result = http.post("/v1/completions", json=body).json()
+    expected = reference_run(reference, prompt, max_tokens=5, temperature=0, ignore_eos=True)
+    assert [c["text"] for c in result["choices"]] == [expected.text] * 3
+    # The prompt, counted once, was computed once for this request...
+    assert result["usage"]["prompt_tokens"] == len(prompt)
+    assert result["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # ... by one choice: the other two copied its K/V (all but the last token, which each
+    # choice's first round feeds).
+    assert server.metrics()[cached_total] - before == 2 * (len(prompt) - 1)
+
+
 def test_echo_with_logprobs_as_lm_eval_sends_it(server: RunningServer, reference: Engine) -> None:
     """lm-evaluation-harness loglikelihood requests: token ids, echo, 1 generated token."""
     prompts = [[5, 6, 7, 8, 9], [20, 21, 22]]
