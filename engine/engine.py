@@ -29,7 +29,7 @@ from engine.prefill_pace import CHUNK_GRAIN, PrefillPace
 from engine.proposer import DraftProposer, DraftRows, RowSampling
 from engine.request import Request, RequestOutput, RequestStats, TokenLogprob
 from engine.runner import ModelRunner, RaggedBatch, max_context
-from engine.scheduler import Scheduler, prefix_followers
+from engine.scheduler import Scheduler
 from engine.stats import EngineStats, RoundRecord
 from engine.verifier import verify
 
@@ -353,7 +353,7 @@ class Engine:
         (``_copy_shared_prefixes``)."""
         self._prefilling = [r for r in self._prefilling if not r.finished]  # aborted meanwhile
         self._copy_shared_prefixes()
-        following = prefix_followers(self._prefilling) if self.config.prefix_cache else set()
+        following = self.scheduler.prefix_followers(self._prefilling)
         computing = [r for r in self._prefilling if r.request_id not in following]
         decoding = any(r.prefilled for r in self.scheduler.running.values())
         if decoding:

@@ -93,6 +93,28 @@ class Scheduler:
                 best, best_len = holder, shared
         return best, best_len
 
+    def prefix_followers(self, prefilling: list[Request]) -> set[str]:
+        """The ids of prefilling requests that should wait for another one's prefill and then
+        copy it (``prefix_donor``) rather than compute the same prefix alongside: those for
+        which a request at least as far along will compute at least half of what they lack.
+        The half keeps a short prompt that merely shares a chat header with a long one from
+        waiting out the long one's chunks."""
+        leaders: list[Request] = []
+        following: set[str] = set()
+        if not self.reuse_prefixes:
+            return following
+        # The furthest along leads; among equals, the first admitted (sorted is stable).
+        for request in sorted(prefilling, key=lambda r: -r.target_len):
+            needed = request.prompt_token_ids[:-1]
+            lacking = len(needed) - request.target_len
+            if leaders and lacking > 0 and not request.prompt_logprobs_pending:
+                shared = max(common_prefix(r.prompt_token_ids[:-1], needed) for r in leaders)
+                if 2 * (shared - request.target_len) >= lacking:
+                    following.add(request.request_id)
+                    continue
+            leaders.append(request)
+        return following
+
     def batch(self) -> list[Request]:
         return [self.running[slot] for slot in sorted(self.running)]
 
@@ -121,24 +143,3 @@ class Scheduler:
     @property
     def num_free_slots(self) -> int:
         return len(self._free)
-
-
-def prefix_followers(prefilling: list[Request]) -> set[str]:
-    """The ids of prefilling requests that should wait for another one's prefill and then copy
-    it (``Scheduler.prefix_donor``) rather than compute the same prefix alongside: those for
-    which a request at least as far along will compute at least half of what they lack. The
-    half keeps a short prompt that merely shares a chat header with a long one from waiting
-    out the long one's chunks."""
-    leaders: list[Request] = []
-    following: set[str] = set()
-    # The furthest along leads; among equals, the first admitted (sorted is stable).
-    for request in sorted(prefilling, key=lambda r: -r.target_len):
-        needed = request.prompt_token_ids[:-1]
-        lacking = len(needed) - request.target_len
-        if leaders and lacking > 0 and not request.prompt_logprobs_pending:
-            shared = max(common_prefix(r.prompt_token_ids[:-1], needed) for r in leaders)
-            if 2 * (shared - request.target_len) >= lacking:
-                following.add(request.request_id)
-                continue
-        leaders.append(request)
-    return following

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from engine.config import SamplingParams
 from engine.request import Request, Status
-from engine.scheduler import Scheduler, common_prefix, prefix_followers
+from engine.scheduler import Scheduler, common_prefix
 
 
 def _request(name: str) -> Request:
@@ -164,10 +164,12 @@ def test_a_prompt_waits_for_a_prefill_that_will_compute_most_of_what_it_lacks() 
     short = _prompt_request("short", [10, 11, 99, 98, 97, 96, 95])
     unrelated = _prompt_request("unrelated", [5, 6, 7])
     prefilling = [first, same, other_question, short, unrelated]
-    assert prefix_followers(prefilling) == {"same", "other"}
+    scheduler = Scheduler(max_slots=5, reuse_prefixes=True)
+    assert scheduler.prefix_followers(prefilling) == {"same", "other"}
+    assert Scheduler(max_slots=5).prefix_followers(prefilling) == set()  # without reuse
     # The one further along leads, whatever the order of admission.
     same.target_len = 8
-    assert prefix_followers(prefilling) == {"first", "other"}
+    assert scheduler.prefix_followers(prefilling) == {"first", "other"}
     # A follower that needs its own forward over the prompt does not wait.
     other_question.prompt_logprobs_pending = True
-    assert prefix_followers(prefilling) == {"first"}
+    assert scheduler.prefix_followers(prefilling) == {"first"}
