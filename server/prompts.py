@@ -25,6 +25,10 @@ class Prompt:
     text: str | None = None  # the caller's own text, echoed back verbatim; None for token ids
 
 
+def _tokens(count: int) -> str:
+    return f"{count} token" if count == 1 else f"{count} tokens"
+
+
 def _check(prompt: Prompt, ctx: ServerContext, where: str) -> None:
     engine = ctx.engine
     if not prompt.ids:
@@ -98,7 +102,7 @@ def _max_tokens(
         return room
     if requested > room:
         raise bad_request(
-            f"{param} is too large: the prompt has {prompt_len} tokens and the context holds "
+            f"{param} is too large: the prompt has {_tokens(prompt_len)} and the context holds "
             f"{max_len}, so at most {room} can be generated; lower {param} to {room} or less",
             param=param,
         )

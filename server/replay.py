@@ -1,9 +1,12 @@
 """Replaying a request from scratch without repeating what its client already has.
 
 After a failed round the innocent requests of that round restart from their prompt with the same
-seed (server/async_engine.py). Greedy and seeded decoding are batch-invariant, so the replay
-produces the same tokens again; the cursor drops the part already handed out and checks that the
-replay really does agree with it.
+seed (server/async_engine.py). Greedy decoding is batch-invariant, so the replay produces the
+same tokens again; a sampled token depends on the drafts it was verified against, which depend
+on the load (adaptive gamma, the draft kernel a batch size takes), so a sampled replay alone may
+not. The cursor drops the part already handed out and checks that the replay
+really does agree with it (a replay that does not fails its request rather than splice two
+samples).
 """
 
 from __future__ import annotations

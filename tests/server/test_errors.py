@@ -48,6 +48,7 @@ CASES = [  # (route, body, status, words the message must contain)
     (COMPLETIONS, {"prompt": [5, 320]}, 400, "outside [0, 320)"),
     (COMPLETIONS, {"prompt": [5] * 256}, 400, "shorten the prompt"),
     (COMPLETIONS, {"prompt": [5] * 10, "max_tokens": 250}, 400, "lower max_tokens to 246"),
+    (COMPLETIONS, {"prompt": [5], "max_tokens": 300}, 400, "the prompt has 1 token and"),
     (COMPLETIONS, {"prompt": "hi", "n": 20}, 400, "at most 12"),
     (CHAT, {"messages": []}, 400, "messages"),
     (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
