@@ -231,8 +231,17 @@ class Engine:
         return list(prompt)
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        seed: int | None = None,
     ) -> str:
+        """Queues a request. Its random numbers come from ``params.seed``, else from ``seed``
+        (a caller replaying an unseeded request), else a fresh one. A sampled request with
+        ``params.seed`` set samples the tokens target-only sampling would (the verifier's coupled
+        rows), so it repeats under any load; without one, it takes rejection sampling, which
+        accepts a few more drafts."""
         token_ids = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt is empty")
@@ -255,7 +264,7 @@ class Engine:
             request_id=request_id or uuid.uuid4().hex,
             prompt_token_ids=token_ids,
             params=params,
-            seed=params.seed if params.seed is not None else secrets.randbits(62),
+            seed=next(s for s in (params.seed, seed, secrets.randbits(62)) if s is not None),
             gamma=gamma,
             max_new_tokens=min(params.max_tokens, self.max_len - len(token_ids)),
             prompt_logprobs_pending=params.prompt_logprobs is not None,
@@ -567,6 +576,7 @@ class Engine:
             sampling.greedy,
             sampling.seeds,
             to_device(num_tokens, device),
+            sampling.coupled_index(device),
         )
         # The round's single device-to-host transfer.
         host = torch.cat([verdict.tokens, verdict.accepted_len[:, None]], dim=1).tolist()
@@ -690,11 +700,17 @@ class Engine:
         self,
         prompts: list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams],
+        seeds: list[int] | None = None,
     ) -> list[Completion]:
-        """Runs prompts to completion, batched; results in prompt order."""
+        """Runs prompts to completion, batched; results in prompt order. ``seeds``: per
+        prompt, as ``add_request``'s ``seed``."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        row_seeds: list[int | None] = [None] * len(prompts) if seeds is None else list(seeds)
+        ids = [
+            self.add_request(p, sp, seed=seed)
+            for p, sp, seed in zip(prompts, params, row_seeds, strict=True)
+        ]
         state: dict[str, dict] = {
             i: {"tokens": [], "text": "", "logprobs": [], "prompt_logprobs": None} for i in ids
         }

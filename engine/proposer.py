@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,7 +11,7 @@ from engine.device import to_device
 from engine.grammar import DraftConstraint
 from engine.penalties import RowPenalties
 from engine.runner import ModelRunner, RaggedBatch
-from engine.sampling import DRAFT_SAMPLE, sample_from, uniform, warp_probs
+from engine.sampling import DRAFT_SAMPLE, coupled_sample, sample_from, uniform, warp_probs
 
 # Most context ids a restricted draft head scores beside its subset (a bound for very long
 # contexts; a Spec-Bench RAG prompt has about a hundred).
@@ -33,6 +33,8 @@ class RowSampling:
     host_top_p: list[float]
     min_p: torch.Tensor | None = None  # [B] float, when any row sets it
     penalties: RowPenalties | None = None  # repeats and logit bias, when any row sets them
+    # Sampling rows whose caller chose the seed: they sample by engine.sampling.coupled_sample.
+    coupled_rows: list[int] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -57,7 +59,12 @@ class RowSampling:
             if any(p.min_p for p in params)
             else None,
             penalties=penalties,
+            coupled_rows=[i for i, p in enumerate(params) if not p.greedy and p.seed is not None],
         )
+
+    def coupled_index(self, device: torch.device) -> torch.Tensor | None:
+        """``coupled_rows`` on the device, or None when there are none."""
+        return to_device(self.coupled_rows, device) if self.coupled_rows else None
 
     def penalise(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``logits`` [B, T, V] after penalties and bias (``RowPenalties.apply``), or as they
@@ -76,6 +83,7 @@ class RowSampling:
 
     def select(self, rows: list[int], index: torch.Tensor) -> RowSampling:
         """The sampling of a subset of the rows (``index``: ``rows`` on the device)."""
+        coupled = set(self.coupled_rows)
         return RowSampling(
             greedy=self.greedy[index],
             all_greedy=self.all_greedy,
@@ -87,6 +95,7 @@ class RowSampling:
             host_top_p=[self.host_top_p[i] for i in rows],
             min_p=None if self.min_p is None else self.min_p[index],
             penalties=None if self.penalties is None else self.penalties.select(index),
+            coupled_rows=[j for j, i in enumerate(rows) if i in coupled],
         )
 
 
@@ -201,6 +210,7 @@ class DraftProposer:
             rows.catch_up, rows.slots, rows.draft_lens, [len(t) for t in rows.catch_up]
         )
         drafted = torch.zeros((len(rows.slots), 0), dtype=torch.long, device=device)
+        coupled = sampling.coupled_index(device)
         for step in range(gamma):
             logits = self.logits(batch)  # [B, V]
             if sampling.penalties is not None:
@@ -213,6 +223,10 @@ class DraftProposer:
                 step_probs = sampling.warp(logits[:, None])[:, 0]
                 u = uniform(sampling.seeds, first_position + step, DRAFT_SAMPLE)
                 token = torch.where(sampling.greedy, token, sample_from(step_probs, u))
+                if coupled is not None:
+                    token[coupled] = coupled_sample(
+                        step_probs[coupled], sampling.seeds[coupled], first_position[coupled] + step
+                    )
                 probs.append(step_probs)
             tokens.append(token)
             if constraint is not None and step + 1 < gamma:

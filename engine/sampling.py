@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 # Purposes of the uniforms drawn at one token position.
+COUPLED_SAMPLE = 0  # per vocabulary entry: the noise a seeded row's draft and target share
 DRAFT_SAMPLE = 1
 ACCEPT_TEST = 2
 TARGET_SAMPLE = 3
@@ -47,6 +48,26 @@ def uniform(seeds: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch
     key = _splitmix64(seeds * 4 + purpose)
     bits = _splitmix64(key ^ positions)
     return _shift_right(bits, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
+def coupled_sample(
+    probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """A token of ``probs`` [..., V] per position (``seeds`` [B] broadcast against
+    ``positions`` [...]): the winner of an exponential race, argmin of E / p with E ~ Exp(1)
+    hashed from (seed, position, token id), an exact sample of p (the Gumbel-max trick with one
+    logarithm per entry). Draft and target race with the same E at a position, so a seeded
+    row's sampled token is the one the target alone would sample there, whatever was drafted,
+    and a draft whose law is close to the target's picks it too."""
+    while seeds.dim() < positions.dim():
+        seeds = seeds.unsqueeze(-1)
+    key = _splitmix64(_splitmix64(seeds * 4 + COUPLED_SAMPLE) ^ positions)
+    ids = torch.arange(probs.shape[-1], device=probs.device)
+    bits = _splitmix64(key[..., None] ^ ids)
+    # 24 bits in float32, in (0, 1) so that the logarithm stays finite; entries with p = 0
+    # race to infinity and never win.
+    u = (_shift_right(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return u.log_().neg_().div_(probs.float()).argmin(-1)
 
 
 def warp_probs(

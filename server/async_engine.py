@@ -50,6 +50,8 @@ class EngineFailure(Exception):
 class Submission:
     prompt_ids: list[int]
     params: SamplingParams
+    # The seed of a request whose caller set none, fixed so that a replay samples alike.
+    seed: int | None = None
 
 
 class RequestStream:
@@ -198,9 +200,10 @@ class AsyncEngine:
         for index, (request_id, sub) in enumerate(zip(ids, submissions, strict=True)):
             self._tracked[request_id] = _Tracked(stream, index, RequestTiming(arrival))
             self.metrics.on_submit(len(sub.prompt_ids))
-            # A fixed seed makes an unseeded request replayable after a failed round.
-            if sub.params.seed is None:
-                sub = Submission(sub.prompt_ids, replace(sub.params, seed=secrets.randbits(62)))
+            # A fixed seed makes an unseeded request replayable after a failed round; it stays
+            # out of params, which would make the request a coupled one (engine.add_request).
+            if sub.params.seed is None and sub.seed is None:
+                sub = replace(sub, seed=secrets.randbits(62))
             jobs.append(_Job(request_id, sub))
         with self._lock:
             self._pending.extend(jobs)
@@ -308,7 +311,9 @@ class AsyncEngine:
     def _add(self, job: _Job) -> None:
         sub = job.submission
         try:
-            self.engine.add_request(sub.prompt_ids, sub.params, request_id=job.request_id)
+            self.engine.add_request(
+                sub.prompt_ids, sub.params, request_id=job.request_id, seed=sub.seed
+            )
         except ValueError as exc:  # prompts.py checks all of this first; a guard, not a path
             self._post(self._fail, job.request_id, f"the engine refused the request: {exc}")
             return

@@ -1,12 +1,12 @@
 """Replaying a request from scratch without repeating what its client already has.
 
 After a failed round the innocent requests of that round restart from their prompt with the same
-seed (server/async_engine.py). Greedy decoding is batch-invariant, so the replay produces the
-same tokens again; a sampled token depends on the drafts it was verified against, which depend
-on the load (adaptive gamma, the draft kernel a batch size takes), so a sampled replay alone may
-not. The cursor drops the part already handed out and checks that the replay
-really does agree with it (a replay that does not fails its request rather than splice two
-samples).
+seed (server/async_engine.py). Greedy decoding and sampling with the client's seed (coupled
+verification, engine/verifier.py) give the target's own tokens whatever was drafted, so their
+replay produces the same tokens again; an unseeded request's sampled tokens depend on the
+drafts they were verified against, which depend on the load, so its replay alone may not. The
+cursor drops the part already handed out and checks that the replay really does agree with it
+(a replay that does not fails its request rather than splice two samples).
 """
 
 from __future__ import annotations

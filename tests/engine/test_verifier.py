@@ -1,17 +1,19 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+import engine.sampling as sampling_module
 import engine.verifier as verifier_module
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.penalties import penalised
 from engine.sampling import warp_probs
 from engine.verifier import verify
-from tests.engine.conftest import reference_penalise, tiny_model
+from tests.engine.conftest import perturbed, reference_penalise, tiny_model
 
 VOCAB = 12
 
@@ -112,13 +114,28 @@ def _exact_marginals(target, prompt: list[int], steps: int, params: SamplingPara
 
 
 def _speculative_counts(
-    target, draft, prompt, steps: int, params_list, draft_vocab: int = 0, prompt_lookup: int = 0
+    target,
+    draft,
+    prompt,
+    steps: int,
+    params: SamplingParams,
+    path: str,
+    draft_vocab: int = 0,
+    prompt_lookup: int = 0,
+    samples: int = 4000,
 ):
+    """Token counts per position over ``samples`` seeds. ``path``: "rejection" (the seeds
+    reach the engine beside the parameters, as the server passes an unseeded request's) or
+    "coupled" (the caller's own seeds, in the parameters)."""
     config = EngineConfig(
         gamma=3, max_slots=64, max_len=32, draft_vocab=draft_vocab, prompt_lookup=prompt_lookup
     )
     eng = Engine(target, draft, config)
-    results = eng.generate([prompt] * len(params_list), params_list)
+    if path == "coupled":
+        rows = [replace(params, seed=seed) for seed in range(samples)]
+        results = eng.generate([prompt] * samples, rows)
+    else:
+        results = eng.generate([prompt] * samples, params, seeds=list(range(samples)))
     counts = torch.zeros(steps, VOCAB, dtype=torch.float64)
     for r in results:
         for position, token in enumerate(r.token_ids[:steps]):
@@ -150,30 +167,35 @@ SAMPLING_CASES = [
 ]
 
 
+def _tempered(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A coupled sampler gone wrong: the right noise, but on p squared."""
+    return sampling_module.coupled_sample(probs.square(), seeds, positions)
+
+
+@pytest.mark.parametrize("path", ["rejection", "coupled"])
 @pytest.mark.parametrize(
     "case,draft_vocab",
     SAMPLING_CASES,
     ids=["t1", "t0.7-topk6", "t1.3-topp0.8", "t1-minp0.4", "t1-draftvocab6", "t1-penalties"],
 )
 def test_sampled_tokens_follow_the_target_distribution(
-    case: dict, draft_vocab: int, monkeypatch
+    case: dict, draft_vocab: int, path: str, monkeypatch
 ) -> None:
     target = tiny_model("llama", seed=3, vocab=VOCAB, sharpen=2.0)
     draft = tiny_model("llama", seed=4, vocab=VOCAB, sharpen=2.0, layers=1)
     # Four positions: a row's first round samples its first token from the target alone, the
     # second drafts for the other three.
-    prompt, steps, samples = [3, 5, 7], 4, 4000
-    params = [
-        SamplingParams(max_tokens=steps, ignore_eos=True, seed=seed, **case)
-        for seed in range(samples)
-    ]
-    marginals = _exact_marginals(target, prompt, steps, params[0])
-    counts, acceptance = _speculative_counts(target, draft, prompt, steps, params, draft_vocab)
+    prompt, steps = [3, 5, 7], 4
+    params = SamplingParams(max_tokens=steps, ignore_eos=True, **case)
+    marginals = _exact_marginals(target, prompt, steps, params)
+    counts, acceptance = _speculative_counts(
+        target, draft, prompt, steps, params, path, draft_vocab
+    )
     assert 0.1 < acceptance < 0.9  # the draft really disagrees: the residual path is exercised
     for position in range(steps):
         stat, df = _chi_square(counts[position], marginals[position])
         assert stat < _chi_square_critical(df), (position, stat, df)
-    if penalised(params[0]):
+    if penalised(params):
         # And it would catch an engine that ignored them: the unpenalised law is far off.
         plain = _exact_marginals(target, prompt, steps, SamplingParams(temperature=1.0))
         worst = max(
@@ -183,9 +205,13 @@ def test_sampled_tokens_follow_the_target_distribution(
         assert worst > 3.0
 
     # The same check must catch a sampler that resamples from the target instead of the
-    # residual on rejection: that over-weights tokens the draft likes.
-    monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)
-    wrong, _ = _speculative_counts(target, draft, prompt, steps, params, draft_vocab)
+    # residual on rejection (that over-weights tokens the draft likes), or a coupled one that
+    # takes its noise on the wrong law.
+    if path == "rejection":
+        monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)
+    else:
+        monkeypatch.setattr(verifier_module, "coupled_sample", _tempered)
+    wrong, _ = _speculative_counts(target, draft, prompt, steps, params, path, draft_vocab)
     worst = max(
         _chi_square(wrong[pos], marginals[pos])[0] / _chi_square_critical(df)
         for pos in range(steps)
@@ -201,13 +227,12 @@ def test_prompt_lookup_sampling_follows_the_target_distribution(
     target = tiny_model("llama", seed=3, vocab=VOCAB, sharpen=2.0)
     draft = tiny_model("llama", seed=4, vocab=VOCAB, sharpen=2.0, layers=1) if with_draft else None
     # Repeating n-grams, so the lookup proposes from the first round on.
-    prompt, steps, samples = [7, 3, 5, 1, 7, 3, 5], 3, 4000
-    params = [
-        SamplingParams(max_tokens=steps, ignore_eos=True, seed=seed, temperature=1.0)
-        for seed in range(samples)
-    ]
-    marginals = _exact_marginals(target, prompt, steps, params[0])
-    eng_counts = _speculative_counts(target, draft, prompt, steps, params, prompt_lookup=3)
+    prompt, steps = [7, 3, 5, 1, 7, 3, 5], 3
+    params = SamplingParams(max_tokens=steps, ignore_eos=True, temperature=1.0)
+    marginals = _exact_marginals(target, prompt, steps, params)
+    eng_counts = _speculative_counts(
+        target, draft, prompt, steps, params, "rejection", prompt_lookup=3
+    )
     counts, acceptance = eng_counts
     assert 0.05 < acceptance < 0.95
     for position in range(steps):
@@ -215,7 +240,9 @@ def test_prompt_lookup_sampling_follows_the_target_distribution(
         assert stat < _chi_square_critical(df), (position, stat, df)
 
     monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)
-    wrong, _ = _speculative_counts(target, draft, prompt, steps, params, prompt_lookup=3)
+    wrong, _ = _speculative_counts(
+        target, draft, prompt, steps, params, "rejection", prompt_lookup=3
+    )
     worst = max(
         _chi_square(wrong[pos], marginals[pos])[0] / _chi_square_critical(df)
         for pos in range(steps)
@@ -235,3 +262,45 @@ def test_same_seed_same_output_regardless_of_batch() -> None:
     unseeded = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
     runs = {tuple(r.token_ids) for r in eng.generate([[5, 6, 7]] * 4, unseeded)}
     assert len(runs) > 1
+
+
+SEEDED_CASES = {
+    "t1": {"temperature": 1.0},
+    "t0.8-topp0.9": {"temperature": 0.8, "top_p": 0.9},
+    "t1-penalties": {"temperature": 1.0, "presence_penalty": 0.8, "repetition_penalty": 1.3},
+}
+
+
+@pytest.mark.parametrize("case", list(SEEDED_CASES))
+@pytest.mark.parametrize("draft_kind", ["same", "perturbed", "unrelated", "lookup"])
+def test_a_seeded_request_samples_what_target_only_sampling_does(
+    draft_kind: str, case: str
+) -> None:
+    target = tiny_model("qwen2", seed=3, sharpen=2.0)
+    draft = {
+        "same": target,
+        "perturbed": perturbed(target, 0.3),
+        "unrelated": tiny_model("qwen2", seed=4, sharpen=2.0, layers=1),
+        "lookup": None,
+    }[draft_kind]
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 9], list(range(20, 41))]
+    params = [
+        SamplingParams(max_tokens=24, ignore_eos=True, seed=seed, **SEEDED_CASES[case])
+        for seed in (11, 12, 13)
+    ]
+    plain = Engine(target, None, EngineConfig(gamma=0, max_slots=4, max_len=64))
+    expected = [r.token_ids for r in plain.generate(prompts, params)]
+    speculative = Engine(
+        target, draft, EngineConfig(gamma=4, max_slots=4, max_len=64, prompt_lookup=3)
+    )
+    # Together, then one at a time: other rows and other drafts change nothing.
+    assert [r.token_ids for r in speculative.generate(prompts, params)] == expected
+    for prompt, row_params, want in zip(prompts, params, expected, strict=True):
+        assert speculative.generate([prompt], row_params)[0].token_ids == want
+    stats = speculative.stats
+    assert stats.drafted > 0
+    if draft_kind == "same":
+        # The same law under the same noise: every model draft agrees (copies may not).
+        assert stats.rejections == stats.ngram_rejections
+    elif draft_kind != "lookup":
+        assert 0 < stats.accepted < stats.drafted

@@ -254,6 +254,21 @@ def test_the_choices_of_one_prompt_compute_it_once(
     assert server.metrics()[cached_total] - before == 2 * (len(prompt) - 1)
 
 
+def test_a_seeded_sample_is_what_target_only_sampling_gives(server: RunningServer) -> None:
+    body = {"model": MODEL, "prompt": [7, 8, 9, 10], "max_tokens": 16, "temperature": 1.0,
+            "seed": 5, "ignore_eos": True}  # fmt: skip
+    with server.http() as http:
+        texts = [http.post("/v1/completions", json=body).json()["choices"][0]["text"]]
+        # Again, batched beside another prompt: other rows and other drafts change nothing.
+        crowd = http.post("/v1/completions", json={**body, "prompt": [[1, 2, 3], [7, 8, 9, 10]]})
+        texts.append(sorted(crowd.json()["choices"], key=lambda c: c["index"])[1]["text"])
+    plain = make_engine(gamma=0)
+    expected = reference_run(
+        plain, [7, 8, 9, 10], max_tokens=16, temperature=1.0, seed=5, ignore_eos=True
+    )
+    assert texts == [expected.text] * 2
+
+
 def test_echo_with_logprobs_as_lm_eval_sends_it(server: RunningServer, reference: Engine) -> None:
     """lm-evaluation-harness loglikelihood requests: token ids, echo, 1 generated token."""
     prompts = [[5, 6, 7, 8, 9], [20, 21, 22]]
