@@ -41,12 +41,17 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def uniform(seeds: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch.Tensor:
-    """Uniform floats in [0, 1) of dtype float64; ``seeds`` [B] broadcast against ``positions``."""
+def _hash(seeds: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch.Tensor:
+    """64 random bits per (seed, position) for ``purpose``; ``seeds`` [B] broadcast against
+    ``positions``."""
     while seeds.dim() < positions.dim():
         seeds = seeds.unsqueeze(-1)
-    key = _splitmix64(seeds * 4 + purpose)
-    bits = _splitmix64(key ^ positions)
+    return _splitmix64(_splitmix64(seeds * 4 + purpose) ^ positions)
+
+
+def uniform(seeds: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch.Tensor:
+    """Uniform floats in [0, 1) of dtype float64; ``seeds`` [B] broadcast against ``positions``."""
+    bits = _hash(seeds, positions, purpose)
     return _shift_right(bits, 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
@@ -59,11 +64,8 @@ def coupled_sample(
     logarithm per entry). Draft and target race with the same E at a position, so a seeded
     row's sampled token is the one the target alone would sample there, whatever was drafted,
     and a draft whose law is close to the target's picks it too."""
-    while seeds.dim() < positions.dim():
-        seeds = seeds.unsqueeze(-1)
-    key = _splitmix64(_splitmix64(seeds * 4 + COUPLED_SAMPLE) ^ positions)
     ids = torch.arange(probs.shape[-1], device=probs.device)
-    bits = _splitmix64(key[..., None] ^ ids)
+    bits = _splitmix64(_hash(seeds, positions, COUPLED_SAMPLE)[..., None] ^ ids)
     # 24 bits in float32, in (0, 1) so that the logarithm stays finite; entries with p = 0
     # race to infinity and never win.
     u = (_shift_right(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
