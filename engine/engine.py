@@ -260,11 +260,15 @@ class Engine:
             raise ValueError(f"prediction token ids must be in [0, {self.vocab_size})")
         matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         gamma = self.gamma if params.gamma is None else min(params.gamma, self.gamma)
+        if params.seed is not None:
+            seed = params.seed
+        elif seed is None:
+            seed = secrets.randbits(62)
         request = Request(
             request_id=request_id or uuid.uuid4().hex,
             prompt_token_ids=token_ids,
             params=params,
-            seed=next(s for s in (params.seed, seed, secrets.randbits(62)) if s is not None),
+            seed=seed,
             gamma=gamma,
             max_new_tokens=min(params.max_tokens, self.max_len - len(token_ids)),
             prompt_logprobs_pending=params.prompt_logprobs is not None,

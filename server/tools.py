@@ -207,7 +207,7 @@ class ToolCallStream:
             block = self._block
             if block is not None:
                 body = self._pending[block.body :]
-                if block.fenced and body.strip() and body.lstrip()[0] not in "{[":
+                if block.fenced and (start := body.lstrip()) and start[0] not in "{[":
                     # A code block, not a call: it streams as content from here on.
                     self._content(self._pending[: block.body])
                     self._pending, self._block = body, None
