@@ -63,6 +63,9 @@ class EngineConfig:
     # With the CPU kernels: Llama/Qwen2/Qwen3 run our own layer loop (engine/fused_decoder.py)
     # instead of transformers' modules; same weights, same numbers, a fraction of the glue.
     fused_decoder: bool = True
+    # On CUDA: decode, draft and verify forwards replay CUDA graphs (engine/graphs.py), one per
+    # shape (rows and keys rounded up to powers of two), captured the first time it comes.
+    cuda_graphs: bool = True
     # Draft LM head restricted to the first N token ids (byte-level BPE ids follow merge order,
     # i.e. frequency), plus the special tokens at the end of the vocabulary and the rows'
     # own context tokens (a document's rare names recur in its answer). 0 = full head.

@@ -162,7 +162,13 @@ class Engine:
             if draft is not None:
                 use_cpu_kernels(draft, eager_attention=False, weights=config.draft_weights)
         fused = config.cpu_kernels and config.fused_decoder
-        self.target = ModelRunner(target, config.max_slots, capacity, fused=fused)
+        self.target = ModelRunner(
+            target,
+            config.max_slots,
+            capacity,
+            fused=fused,
+            graph_width=self.gamma + 1 if config.cuda_graphs else 0,
+        )
         if target.config._attn_implementation in ("eager", cpu_attention.NAME):
             # Batch-invariant attention scores each query alone, several times slower than
             # SDPA over a long prompt; target-only and speculative decoding share the same
@@ -181,7 +187,14 @@ class Engine:
             self.special_ids |= set(tokenizer.added_tokens_decoder)
         self.proposer: DraftProposer | None = None
         if draft is not None and self.gamma > 0:
-            runner = ModelRunner(draft, config.max_slots, capacity, fused=fused)
+            # A draft step feeds one token a row, two where the row catches up on a bonus token.
+            runner = ModelRunner(
+                draft,
+                config.max_slots,
+                capacity,
+                fused=fused,
+                graph_width=2 if config.cuda_graphs else 0,
+            )
             self.proposer = DraftProposer(
                 runner,
                 self.vocab_size,

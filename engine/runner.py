@@ -9,6 +9,7 @@ from transformers import PreTrainedModel
 from engine.cpu_linear import in_prompt_gemm, prompt_gemm
 from engine.device import to_device
 from engine.fused_decoder import FusedDecoder
+from engine.graphs import ForwardGraphs
 from engine.kv_cache import SlotKVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox")
@@ -42,8 +43,15 @@ class ModelRunner:
     """Drives a transformers causal LM over ragged batches on its own slot cache."""
 
     def __init__(
-        self, model: PreTrainedModel, num_slots: int, capacity: int, fused: bool = True
+        self,
+        model: PreTrainedModel,
+        num_slots: int,
+        capacity: int,
+        fused: bool = True,
+        graph_width: int = 0,
     ) -> None:
+        """``graph_width``: on CUDA, forwards outside prompt prefill of up to ``num_slots`` rows
+        of that many tokens replay CUDA graphs (engine/graphs.py); 0 = always eager."""
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedArchitectureError(
@@ -69,8 +77,11 @@ class ModelRunner:
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         # Attention for prompt prefill when it should differ from decoding's (see Engine).
         self.prefill_attention: str | None = None
+        self.graphs: ForwardGraphs | None = None
         # One token through the trash slot allocates every layer's buffers at their real shapes.
         self.forward(RaggedBatch([[0]], [num_slots], [0], [1]), output="none")
+        if graph_width > 0 and self.device.type == "cuda":
+            self.graphs = ForwardGraphs(self, num_slots, graph_width)
 
     @property
     def vocab_size(self) -> int:
@@ -160,9 +171,39 @@ class ModelRunner:
         """The final hidden states [B, T, H] of ``input_ids`` [B, T], K/V written to the slots
         (with ``kv_only`` only the K/V are sure to be computed: None may come back)."""
         rows = len(batch.slots)
-        starts = self._device_ints(batch.starts)
-        num_new = self._device_ints(batch.num_new)
-        slots = self._device_ints(batch.slots)
+        if self.graphs is not None and self.graphs.fits(rows, width) and not in_prompt_gemm():
+            hidden = self.graphs.hidden(input_ids, batch)
+            if hidden is not None:
+                return hidden
+        read_len = max(s + n for s, n in zip(batch.starts, batch.num_new, strict=True))
+        contiguous = None
+        if batch.slots == list(range(batch.slots[0], batch.slots[0] + rows)):
+            contiguous = batch.slots[0]
+        return self.planned_hidden(
+            input_ids,
+            self._device_ints(batch.slots),
+            self._device_ints(batch.starts),
+            self._device_ints(batch.num_new),
+            read_len,
+            contiguous,
+            kv_only,
+        )
+
+    def planned_hidden(
+        self,
+        input_ids: torch.Tensor,
+        slots: torch.Tensor,
+        starts: torch.Tensor,
+        num_new: torch.Tensor,
+        read_len: int,
+        contiguous: int | None = None,
+        kv_only: bool = False,
+    ) -> torch.Tensor | None:
+        """``_hidden`` from device tensors alone (per row: slot, first position, real tokens),
+        attending over the first ``read_len`` positions of each slot, the rows' slots
+        consecutive from ``contiguous`` when it is set. No host value is read, so a CUDA graph
+        can capture it (engine/graphs.py)."""
+        rows, width = input_ids.shape
         offsets = torch.arange(width, device=self.device)
         real = offsets[None, :] < num_new[:, None]  # [B, T]
         positions = starts[:, None] + offsets[None, :]
@@ -172,14 +213,10 @@ class ModelRunner:
         # never indexed past the end; their outputs are discarded anyway.
         last_pos = starts + num_new - 1
         position_ids = torch.minimum(positions, last_pos[:, None])
-        read_len = max(s + n for s, n in zip(batch.starts, batch.num_new, strict=True))
         keys = torch.arange(read_len, device=self.device)
         visible = keys[None, None, :] <= positions[:, :, None]  # [B, T, K]
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, self.mask_min)
-        contiguous = None
-        if batch.slots == list(range(batch.slots[0], batch.slots[0] + rows)):
-            contiguous = batch.slots[0]
         self.cache.plan(write_slot, write_pos, slots, read_len, contiguous)
         if self.fused is not None:
             return self.fused(input_ids, mask[:, None], position_ids, self.cache, kv_only)

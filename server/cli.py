@@ -158,6 +158,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _switch(
         group,
+        "--cuda-graphs",
+        "CUDA: replay decode, draft and verify forwards from CUDA graphs, one per batch "
+        "shape, captured on first use (default on)",
+    )
+    _switch(
+        group,
         "--tune-prompt-gemm",
         "CPU without bf16 instructions: time torch's fp32 GEMM against specserve's kernel at "
         "start-up (~1-2 s) and prefill prompts with the faster (default on)",
@@ -195,6 +201,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         prefill_chunk=args.prefill_chunk,
         prefill_chunk_seconds=args.prefill_chunk_seconds,
         tune_prompt_gemm=args.tune_prompt_gemm,
+        cuda_graphs=args.cuda_graphs,
         calibration_cache=calibration,
     )
 

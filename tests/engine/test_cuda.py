@@ -7,6 +7,7 @@ kernels by shape, so greedy identity there is a claim these tests check rather t
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,18 +28,57 @@ def on_cuda(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(device="cuda", dtype=dtype)
 
 
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gamma", [1, 4])
-def test_greedy_speculation_is_target_only_on_cuda(dtype: torch.dtype, gamma: int) -> None:
+def test_greedy_speculation_is_target_only_on_cuda(
+    dtype: torch.dtype, gamma: int, graphs: bool
+) -> None:
     target = on_cuda(tiny_model("qwen2", seed=0), dtype)
     draft = on_cuda(perturbed(tiny_model("qwen2", seed=0), 0.1), dtype)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    baseline = Engine(target, None, EngineConfig(gamma=0, max_slots=4, max_len=128))
-    speculative = Engine(target, draft, EngineConfig(gamma=gamma, max_slots=4, max_len=128))
+    config = EngineConfig(gamma=0, max_slots=4, max_len=128, cuda_graphs=graphs)
+    baseline = Engine(target, None, config)
+    speculative = Engine(target, draft, replace(config, gamma=gamma))
     expected = [c.token_ids for c in baseline.generate(PROMPTS, params)]
     got = [c.token_ids for c in speculative.generate(PROMPTS, params)]
     assert got == expected
     assert 0 < speculative.stats.accepted < speculative.stats.drafted
+    assert speculative.proposer is not None
+    for runner in (baseline.target, speculative.target, speculative.proposer.runner):
+        if graphs:
+            assert runner.graphs is not None and not runner.graphs.broken
+            assert runner.graphs.replays > 0
+        else:
+            assert runner.graphs is None
+
+
+def test_graphs_replay_what_eager_forwards_compute_on_cuda() -> None:
+    """fp32: a graph launches the kernels the eager forward does, and the keys it attends past
+    a row's length are masked (exact zeros), so outputs and acceptance equal the eager
+    engine's, greedy and sampled (coupled and by rejection); a second pass over the same
+    shapes captures nothing new."""
+    target = on_cuda(tiny_model("qwen2", seed=0), torch.float32)
+    draft = on_cuda(perturbed(tiny_model("qwen2", seed=0), 0.1), torch.float32)
+    config = EngineConfig(gamma=4, max_slots=4, max_len=128)
+    eager = Engine(target, draft, replace(config, cuda_graphs=False))
+    graphed = Engine(target, draft, config)
+    assert graphed.target.graphs is not None and graphed.proposer is not None
+    for params in (
+        SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=32, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True),
+        SamplingParams(max_tokens=32, temperature=0.9, ignore_eos=True),
+    ):
+        seeds = [21, 22, 23, 24]  # the unseeded request's replay seeds, the same for both
+        expected = [c.token_ids for c in eager.generate(PROMPTS, params, seeds=seeds)]
+        got = [c.token_ids for c in graphed.generate(PROMPTS, params, seeds=seeds)]
+        assert got == expected
+    assert graphed.stats.accepted == eager.stats.accepted
+    shapes = set(graphed.target.graphs.graphs) | set(graphed.proposer.runner.graphs.graphs)
+    replays = graphed.target.graphs.replays
+    graphed.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    assert graphed.target.graphs.replays > replays
+    assert set(graphed.target.graphs.graphs) | set(graphed.proposer.runner.graphs.graphs) == shapes
 
 
 def test_real_shapes_speculate_with_adaptive_gamma_on_cuda() -> None:
@@ -77,7 +117,9 @@ def test_a_round_waits_for_the_device_once() -> None:
     engine = Engine(target, draft, EngineConfig(gamma=4, max_slots=4, max_len=128))
     greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     sampled = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
-    for params in (greedy, sampled):
+    # Each kind of round twice: the first pass captures the CUDA graphs of its shapes (a
+    # capture synchronises, once per shape), the second is measured.
+    for params, measured in ((greedy, False), (greedy, True), (sampled, False), (sampled, True)):
         ids = [engine.add_request(p, params) for p in PROMPTS[:3]]
         for _ in range(4):  # prefill, first tokens, then rounds that draft
             engine.step()
@@ -92,8 +134,9 @@ def test_a_round_waits_for_the_device_once() -> None:
         syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
         where = [(Path(w.filename).name, w.lineno) for w in syncs]
         in_engine = [w for w in syncs if Path(w.filename).parent == ours]
-        assert len(in_engine) == 1, where
-        assert Path(in_engine[0].filename).name == "engine.py", where
+        if measured:
+            assert len(in_engine) == 1, where
+            assert Path(in_engine[0].filename).name == "engine.py", where
         for request_id in ids:
             engine.abort(request_id)
         while engine.has_work():

@@ -26,10 +26,16 @@ def test_device_check_runs_end_to_end_on_a_cpu(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert {p.name for p in tmp_path.iterdir()} >= {
         "machine.txt", "tests.log", "synthetic_bench.json", "synthetic_bench.log",
+        "synthetic_bench_eager.json", "synthetic_bench_eager.log",
     }  # fmt: skip
     # Here the CUDA tests skip (they ran, and said why); there they run.
     tests_log = (tmp_path / "tests.log").read_text()
     assert "needs a CUDA device" in tests_log or "passed" in tests_log
     report = json.loads((tmp_path / "synthetic_bench.json").read_text())
     assert [level["spec"]["concurrency"] for level in report["levels"]] == [1, 2]
-    assert "tests exit 0, bench exit 0" in (tmp_path / "machine.txt").read_text()
+    eager = json.loads((tmp_path / "synthetic_bench_eager.json").read_text())
+    assert [level["spec"]["concurrency"] for level in eager["levels"]] == [1, 8]
+    assert eager["args"]["cuda_graphs"] is False
+    assert (
+        "tests exit 0, bench exit 0, eager bench exit 0" in (tmp_path / "machine.txt").read_text()
+    )
