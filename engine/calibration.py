@@ -41,7 +41,7 @@ from engine.runner import ModelRunner, RaggedBatch
 log = logging.getLogger("specserve.calibration")
 
 # Bumped whenever what the calibration measures, or how, changes: older files then miss.
-FORMAT = 3  # 3: a restricted draft head streams the draft's weight format (was bf16)
+FORMAT = 4  # 4: with CUDA graphs, verifies are timed in rows of gamma + 1 (was one row)
 # Calibration files a directory keeps (the most recently written).
 KEEP_FILES = 32
 # Sizes of the draft catch-up timed at start-up: a few tokens behind, a short prompt, a window.
@@ -150,11 +150,19 @@ def _verify_limit(target: ModelRunner, max_slots: int, gamma: int) -> int:
 
 
 def _verify_probe(target: ModelRunner) -> Callable[[int], None]:
-    """A verify forward of so many tokens in the trash slot (for timing only)."""
+    """A verify forward of so many tokens in the trash slot (for timing only). With CUDA
+    graphs, in rows as wide as a round's (gamma + 1): a round's tokens come that way, and one
+    longer row would be an eager forward, timed at what launching its kernels costs."""
     trash = target.cache.trash_slot
+    width = target.graphs.max_width if target.graphs is not None else None
 
     def verify(tokens: int) -> None:
-        target.forward(RaggedBatch([[0] * tokens], [trash], [0], [tokens]), "all")
+        lengths = [tokens]
+        if width is not None and tokens > width:
+            lengths = [width] * (tokens // width) + ([tokens % width] if tokens % width else [])
+        rows = len(lengths)
+        batch = RaggedBatch([[0] * n for n in lengths], [trash] * rows, [0] * rows, lengths)
+        target.forward(batch, "all")
 
     return verify
 

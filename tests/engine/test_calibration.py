@@ -5,12 +5,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine import calibration
 from engine.calibration import digest, from_json, load, save, still_holds, to_json
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.gamma import CostModel
+from engine.graphs import ForwardGraphs, eager_capture
+from engine.runner import ModelRunner, RaggedBatch
 from tests.engine.conftest import perturbed, tiny_model
 
 COSTS = CostModel(
@@ -187,3 +190,25 @@ def test_draft_steps_are_timed_through_the_proposers_own_head(pair) -> None:
     engine.proposer.subset_head = lambda x: heads.append(x.shape[0]) or subset_head(x)
     costs = calibrate(engine.target, engine.proposer, config.max_slots, engine.gamma)
     assert sorted(set(heads)) == sorted(costs.draft)  # each timed size went through it
+
+
+def test_with_cuda_graphs_a_verify_is_timed_in_rows_as_wide_as_a_rounds() -> None:
+    runner = ModelRunner(tiny_model("qwen2"), num_slots=4, capacity=64)
+    runner.graphs = ForwardGraphs(runner, max_rows=4, max_width=3, capture=eager_capture)
+    probe = calibration._verify_probe(runner)
+    for tokens in (1, 3, 7, 12):
+        probe(tokens)
+    # 7 tokens: rows of 3, 3 and 1 (a four-row graph); 12: four rows of 3. All replayed.
+    assert runner.graphs.replays == 4
+    assert sorted(runner.graphs.graphs) == [(1, 1, 64), (1, 3, 64), (4, 3, 64)]
+    runner.graphs = None  # without graphs (a CPU): one row of them all, as before
+    calls: list[RaggedBatch] = []
+    original = runner.forward
+
+    def recorded(batch: RaggedBatch, output: str = "last") -> torch.Tensor | None:
+        calls.append(batch)
+        return original(batch, output)
+
+    runner.forward = recorded  # type: ignore[method-assign]
+    calibration._verify_probe(runner)(7)
+    assert [b.num_new for b in calls] == [[7]]
