@@ -52,6 +52,7 @@ _SOURCES = tuple(
         "attention_bf16.c",
         "decoder_bf16.c",
         "decoder_step.c",
+        "race.c",
     )
 )
 # Explicit ISA flags rather than -march=native: the cache key then fully describes the binary,
@@ -192,6 +193,12 @@ def _load() -> ctypes.CDLL | None:
             lib.specserve_isa.restype = ctypes.c_int
             lib.specserve_best_isa.restype = ctypes.c_int
             lib.specserve_set_isa(0 if _avx2_forced() else 1)
+            race = lib.specserve_race_noise
+            race.restype = ctypes.c_int
+            race.argtypes = [
+                ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                ctypes.c_void_p, ctypes.c_int,
+            ]  # fmt: skip
             _self_check(lib)
             # The attention and decoder kernels ship in the same library.
             from engine import cpu_attention, fused_decoder
@@ -208,6 +215,29 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the fast kernel can be used in this process (compiles it on first call)."""
     return _load() is not None
+
+
+def race_noise(keys: torch.Tensor, ids: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The coupled race's noise [..., n] for CPU ``keys`` [...] (csrc/race.c; ``ids`` [n] or
+    None for ids 0..n-1), or None without the kernel."""
+    lib = _load()
+    if lib is None:
+        return None
+    keys = keys.contiguous()
+    if ids is not None:
+        ids = ids.contiguous()
+    out = torch.empty((*keys.shape, n), dtype=torch.float32)
+    status = lib.specserve_race_noise(
+        keys.data_ptr(),
+        keys.numel(),
+        None if ids is None else ids.data_ptr(),
+        n,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError("race noise kernel failed")
+    return out
 
 
 def supported_isas() -> list[str]:

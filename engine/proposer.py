@@ -137,6 +137,9 @@ class DraftProposer:
         self._outside: tuple[int, ...] = ()
         self._outside_index = torch.empty(0, dtype=torch.long, device=runner.device)
         self._outside_head = runner.lm_head.weight.detach()[:0]
+        # The ids a draft distribution can put mass on (None: all): a seeded row's race runs
+        # over these alone (engine.sampling.coupled_sample).
+        self.support: torch.Tensor | None = None
         if vocab_subset is not None:
             self._kept = frozenset(vocab_subset.tolist())
             # A head over a few frequent tokens (FR-Spec): the full draft head is a large share
@@ -148,6 +151,7 @@ class DraftProposer:
             # In the weights the rest of the draft streams: a bf16 head of 32k rows would cost
             # what the full int4 head does, and save nothing.
             self.subset_head = patch_linear(self.subset_head, weights)
+            self.support = self.subset
 
     def outside(self, tokens: Iterable[int]) -> set[int]:
         """The ids among ``tokens`` that the restricted head lacks (none without one). A
@@ -168,6 +172,7 @@ class DraftProposer:
         self._outside = key
         self._outside_index = to_device(list(key), self.runner.device, torch.long)
         self._outside_head = self.runner.lm_head.weight.detach()[self._outside_index].contiguous()
+        self.support = torch.cat([self.subset, self._outside_index])
 
     def logits(self, batch: RaggedBatch) -> torch.Tensor:
         """Draft logits [B, target vocab] at each row's last token."""
@@ -224,8 +229,14 @@ class DraftProposer:
                 u = uniform(sampling.seeds, first_position + step, DRAFT_SAMPLE)
                 token = torch.where(sampling.greedy, token, sample_from(step_probs, u))
                 if coupled is not None:
+                    support = step_probs[coupled]
+                    if self.support is not None:
+                        support = support[:, self.support]
                     token[coupled] = coupled_sample(
-                        step_probs[coupled], sampling.seeds[coupled], first_position[coupled] + step
+                        support,
+                        sampling.seeds[coupled],
+                        first_position[coupled] + step,
+                        self.support,
                     )
                 probs.append(step_probs)
             tokens.append(token)

@@ -55,21 +55,49 @@ def uniform(seeds: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch
     return _shift_right(bits, 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
+def race_uniforms(bits: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in (0, 1) from the top 23 of 64 random bits: (k + 1/2) / 2^23, all
+    exact in float32, so no entry is 0 (its logarithm infinite) or 1. (With 24 bits the top
+    value rounded to 1.0, an entry of zero noise that won any race it had p > 0 in: one token
+    position in ~110 over a 152k vocabulary took a token of any probability.)"""
+    return (_shift_right(bits, 41).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+def race_noise(keys: torch.Tensor, ids: torch.Tensor | None, n: int) -> torch.Tensor:
+    """E ~ Exp(1) [..., n] for each key [...] and token id (``ids`` [n], or 0..n-1): -log of
+    ``race_uniforms`` of splitmix64(key ^ id). On CPU the C kernel (engine/csrc/race.c) where
+    it loads, which gives an id the same E wherever it lies in the call; torch's ops elsewhere."""
+    if keys.device.type == "cpu":
+        from engine import cpu_linear  # the C library's loader; it imports torch modules
+
+        noise = cpu_linear.race_noise(keys, ids, n)
+        if noise is not None:
+            return noise
+    if ids is None:
+        ids = torch.arange(n, device=keys.device)
+    return race_uniforms(_splitmix64(keys[..., None] ^ ids)).log_().neg_()
+
+
 def coupled_sample(
-    probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor
+    probs: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A token of ``probs`` [..., V] per position (``seeds`` [B] broadcast against
     ``positions`` [...]): the winner of an exponential race, argmin of E / p with E ~ Exp(1)
     hashed from (seed, position, token id), an exact sample of p (the Gumbel-max trick with one
     logarithm per entry). Draft and target race with the same E at a position, so a seeded
     row's sampled token is the one the target alone would sample there, whatever was drafted,
-    and a draft whose law is close to the target's picks it too."""
-    ids = torch.arange(probs.shape[-1], device=probs.device)
-    bits = _splitmix64(_hash(seeds, positions, COUPLED_SAMPLE)[..., None] ^ ids)
-    # 24 bits in float32, in (0, 1) so that the logarithm stays finite; entries with p = 0
-    # race to infinity and never win.
-    u = (_shift_right(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    return u.log_().neg_().div_(probs.float()).argmin(-1)
+    and a draft whose law is close to the target's picks it too.
+
+    ``ids`` [n]: ``probs`` [..., n] covers these token ids only (the ids where p can be > 0,
+    e.g. a restricted draft head's), and a token id comes back. Entries with p = 0 never win,
+    so the race over them is the race over the whole vocabulary at a fraction of its cost."""
+    keys = _hash(seeds, positions, COUPLED_SAMPLE)
+    noise = race_noise(keys, ids, probs.shape[-1])
+    winner = noise.div_(probs.float()).argmin(-1)
+    return winner if ids is None else ids[winner]
 
 
 def warp_probs(

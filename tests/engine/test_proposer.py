@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.runner import RaggedBatch
 from tests.engine.conftest import VOCAB, perturbed, tiny_model
@@ -36,6 +37,9 @@ def test_restricted_head_scores_its_subset_and_the_context_ids_it_is_given() -> 
         logits = _draft_logits(restricted, context)
         scored = torch.isfinite(logits).nonzero().flatten().tolist()
         assert set(scored) == kept | ids
+        # A seeded row's race covers exactly the ids the head can propose.
+        assert proposer.support is not None
+        assert sorted(proposer.support.tolist()) == scored
         # Same weights, same numbers: the restricted head is a selection of the full one.
         torch.testing.assert_close(logits[scored], reference[scored])
     assert len(scored) < VOCAB
@@ -45,3 +49,26 @@ def test_an_unrestricted_head_has_nothing_outside() -> None:
     target = tiny_model("qwen2")
     engine = Engine(target, perturbed(target, 0.1), EngineConfig(gamma=2, max_slots=1))
     assert engine.proposer is not None and engine.proposer.outside(range(VOCAB)) == set()
+
+
+def test_a_seeded_rows_draft_race_over_the_heads_ids_drafts_what_a_whole_race_does() -> None:
+    target = tiny_model("qwen2")
+    draft = perturbed(target, 0.05)
+    config = EngineConfig(gamma=4, max_slots=3, max_len=96, draft_vocab=120)
+    params = SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True)
+    prompts = [[5, 200, 7, 250, 9], [30, 31, 32], [300, 301, 5, 6]]  # ids past 120 too
+    restricted, whole = Engine(target, draft, config), Engine(target, draft, config)
+    assert whole.proposer is not None and restricted.proposer is not None
+    proposer = whole.proposer
+    original = proposer.also_score
+
+    def whole_race(ids: Collection[int]) -> None:
+        original(ids)
+        proposer.support = None  # the race then runs over all 320 ids
+
+    proposer.also_score = whole_race  # type: ignore[method-assign]
+    proposer.support = None
+    expected = [c.token_ids for c in whole.generate(prompts, params)]
+    assert [c.token_ids for c in restricted.generate(prompts, params)] == expected
+    assert restricted.stats.drafted == whole.stats.drafted > 0
+    assert restricted.stats.accepted == whole.stats.accepted > 0

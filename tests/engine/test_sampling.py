@@ -3,7 +3,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling import ACCEPT_TEST, DRAFT_SAMPLE, sample_from, uniform, warp_probs
+from engine import cpu_linear
+from engine.sampling import (
+    ACCEPT_TEST,
+    DRAFT_SAMPLE,
+    _splitmix64,
+    coupled_sample,
+    race_uniforms,
+    sample_from,
+    uniform,
+    warp_probs,
+)
 
 
 def test_uniform_is_a_pure_function_of_seed_position_and_purpose() -> None:
@@ -131,3 +141,71 @@ def test_sample_from_follows_the_distribution_and_skips_zero_mass() -> None:
     torch.testing.assert_close(counts, probs.double(), atol=0.01, rtol=0)
     # Unnormalised input samples the same as normalised.
     assert torch.equal(sample_from(probs.expand(40_000, 5) * 3, u), tokens)
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def race_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The race's noise from the C kernel (where it loads) and from torch's ops."""
+    if request.param == "kernel":
+        if not cpu_linear.available():
+            pytest.skip("the CPU kernels do not load here")
+    else:
+        monkeypatch.setattr(cpu_linear, "race_noise", lambda keys, ids, n: None)
+    return request.param
+
+
+def test_race_uniforms_are_never_0_or_1() -> None:
+    # The extreme 64-bit patterns: all ones (whose top 24 bits once rounded to exactly 1.0,
+    # a zero noise that won every race), all zeros, the sign bit alone, and the rest.
+    bits = torch.tensor([-1, 0, -(2**63), 2**63 - 1, 2**40, -(2**41)], dtype=torch.int64)
+    u = race_uniforms(bits)
+    assert u.dtype == torch.float32
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    assert u[0] == 1 - 2**-24 and u[1] == 2**-24
+    assert bool(torch.isfinite(u.log()).all())
+
+
+def test_a_token_of_negligible_probability_is_never_raced_in(race_path: str) -> None:
+    """Over the real vocabulary, 400 positions of a distribution on one token (the rest
+    1e-12 each: 1.5e-7 in all) give that token every time."""
+    vocab = 151_936
+    probs = torch.full((400, vocab), 1e-12)
+    probs[:, 0] = 1.0
+    seeds = torch.tensor([7])
+    tokens = coupled_sample(probs, seeds, torch.arange(400)[None])
+    assert tokens.shape == (1, 400)
+    assert int((tokens != 0).sum()) == 0
+
+
+def test_the_kernels_noise_is_torchs_and_the_same_wherever_an_id_lies() -> None:
+    if not cpu_linear.available():
+        pytest.skip("the CPU kernels do not load here")
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randint(-(2**62), 2**62, (3, 5), generator=generator)
+    n = 1003  # not a multiple of 8: the last ids go through the padded vector
+    kernel = cpu_linear.race_noise(keys, None, n)
+    assert kernel is not None and kernel.shape == (3, 5, n)
+    ids = torch.arange(n)
+    expected = race_uniforms(_splitmix64(keys[..., None] ^ ids)).log_().neg_()
+    torch.testing.assert_close(kernel, expected, rtol=4e-7, atol=0)
+    assert bool((kernel > 0).all())
+    # Bit for bit: a row alone as in the batch, ids in any order, a subset of ids.
+    alone = cpu_linear.race_noise(keys[1, 2:3], None, n)
+    assert alone is not None and torch.equal(alone[0], kernel[1, 2])
+    chosen = torch.randperm(n, generator=generator)[:77]
+    subset = cpu_linear.race_noise(keys, chosen, len(chosen))
+    assert subset is not None and torch.equal(subset, kernel[..., chosen])
+
+
+def test_a_race_over_the_support_is_the_race_over_the_vocabulary(race_path: str) -> None:
+    generator = torch.Generator().manual_seed(1)
+    vocab, rows = 5000, 64
+    support = torch.randperm(vocab, generator=generator)[:700]
+    probs = torch.zeros(rows, vocab)
+    probs[:, support] = torch.rand(rows, len(support), generator=generator) ** 4
+    seeds = torch.arange(rows)
+    positions = torch.full((rows,), 9)
+    whole = coupled_sample(probs, seeds, positions)
+    restricted = coupled_sample(probs[:, support], seeds, positions, support)
+    assert torch.equal(restricted, whole)
+    assert bool(torch.isin(whole, support).all())
