@@ -4,6 +4,7 @@
     python -m engine.bench                       # all 48 prompts
     python -m engine.bench --repeats 2           # best of two alternating runs per prompt
     python -m engine.bench --forwards            # milliseconds per model forward, by shape
+    python -m engine.bench --sampled 0.7         # sampled: seeded (coupled) vs unseeded
 
 Prints a Markdown table (tokens/s end to end, speedup, acceptance, tokens per round) per task
 and overall, and writes the raw figures to JSON.
@@ -67,10 +68,23 @@ def chat_ids(target: LoadedModel, prompt: str) -> list[int]:
     return list(target.tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def run_engine(engine: Engine, ids: list[int], max_tokens: int) -> dict:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+def run_engine(
+    engine: Engine,
+    ids: list[int],
+    max_tokens: int,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    coupled: bool = True,
+) -> dict:
+    """One request alone. Sampled (``temperature`` > 0) with ``seed``: as the client's seed
+    (coupled sampling) when ``coupled``, else as the seed the server draws for a request
+    without one (rejection sampling), so both paths replay the same randomness each run."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+    if temperature > 0 and coupled:
+        params = replace(params, seed=seed)
+    seeds = [seed] if temperature > 0 and not coupled and seed is not None else None
     started = time.perf_counter()
-    (result,) = engine.generate([ids], params)
+    (result,) = engine.generate([ids], params, seeds=seeds)
     elapsed = time.perf_counter() - started
     stats = result.stats
     return {
@@ -133,6 +147,39 @@ def summarise(rows: list[dict], systems: list[str]) -> str:
         cells.append(f"{decode['spec'] / decode['target']:.2f}x" if decode["target"] else "-")
         cells.append(f"{accepted / drafted:.1%}" if drafted else "-")
         cells.append(f"{(accepted + rounds) / rounds:.2f}" if rounds else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+SAMPLED_SYSTEMS = ("target", "spec", "spec_rejection")
+
+
+def summarise_sampled(rows: list[dict]) -> str:
+    """The ``--sampled`` table: target-only sampling, speculation on a seeded request
+    (coupled) and on an unseeded one (rejection), per task and overall."""
+    tasks = sorted({r["task"] for r in rows}) + ["overall"]
+    header = ["task", "n", "target tok/s", "coupled tok/s", "rejection tok/s"]
+    header += ["coupled decode speedup", "rejection decode speedup"]
+    header += ["coupled acceptance", "rejection acceptance", "coupled = target-only"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in tasks:
+        group = [r for r in rows if task in ("overall", r["task"])]
+        rate, decode = {}, {}
+        for system in SAMPLED_SYSTEMS:
+            tokens = sum(r[system]["tokens"] for r in group)
+            seconds = sum(r[system]["seconds"] for r in group)
+            rate[system] = tokens / seconds if seconds else 0.0
+            tokens = sum(r[system]["tokens"] - 1 for r in group)
+            seconds = sum(r[system]["seconds"] - r[system]["ttft"] for r in group)
+            decode[system] = tokens / seconds if seconds else 0.0
+        cells = [task, str(len(group))] + [f"{rate[s]:.2f}" for s in SAMPLED_SYSTEMS]
+        for system in SAMPLED_SYSTEMS[1:]:
+            cells.append(f"{decode[system] / decode['target']:.2f}x" if decode["target"] else "-")
+        for system in SAMPLED_SYSTEMS[1:]:
+            drafted = sum(r[system]["drafted"] for r in group)
+            accepted = sum(r[system]["accepted"] for r in group)
+            cells.append(f"{accepted / drafted:.1%}" if drafted else "-")
+        cells.append(f"{sum(r['identical'] for r in group)}/{len(group)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -312,6 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     parser.add_argument(
+        "--sampled",
+        type=float,
+        default=None,
+        metavar="T",
+        help="sample at temperature T instead of greedy: target-only sampling, speculation on "
+        "a request with a seed (coupled) and on one without (rejection), each prompt with the "
+        "seeds --seed + its index; no HF baselines",
+    )
+    parser.add_argument("--seed", type=int, default=100, help="with --sampled: the first seed")
+    parser.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -368,17 +425,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     baseline = Engine(target.model, None, config, target.tokenizer)
     speculative = Engine(target.model, draft.model, spec_config, target.tokenizer)
+    if args.sampled is not None and args.sampled <= 0:
+        parser.error("--sampled needs a temperature above 0")
     hf_target = hf_draft = None
+    if args.sampled is not None:
+        args.no_hf = True  # HF's sampling draws other random numbers: nothing to compare
     if not args.no_hf:
         # Our engines patch their models' linears; HF runs on untouched copies of the weights.
         hf_target, hf_draft = load_pair(args.target, args.draft, args.dtype, args.device)
     systems = ["target", "spec"] + ([] if args.no_hf else ["hf_target", "hf_assisted"])
+    if args.sampled is not None:
+        systems = list(SAMPLED_SYSTEMS)
+    temperature = args.sampled or 0.0
 
-    def run_system(system: str, ids: list[int]) -> dict:
+    def run_system(system: str, ids: list[int], seed: int) -> dict:
         if system == "target":
-            return run_engine(baseline, ids, args.max_tokens)
-        if system == "spec":
-            return run_engine(speculative, ids, args.max_tokens)
+            return run_engine(baseline, ids, args.max_tokens, temperature, seed)
+        if system in ("spec", "spec_rejection"):
+            coupled = system == "spec"
+            return run_engine(speculative, ids, args.max_tokens, temperature, seed, coupled)
         draft_model = hf_draft if system == "hf_assisted" else None
         return run_hf(hf_target, draft_model, ids, args.max_tokens)
 
@@ -393,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"task": task, "prompt_tokens": len(ids)}
         for _ in range(max(1, args.repeats)):
             for system in systems:
-                result = run_system(system, ids)
+                result = run_system(system, ids, args.seed + index)
                 if system not in row or result["seconds"] < row[system]["seconds"]:
                     row[system] = result
         row["identical"] = row["target"]["token_ids"] == row["spec"]["token_ids"]
@@ -404,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{index + 1}/{len(prompts)}] {task:<14} {rates}", file=sys.stderr, flush=True)
 
     identical = sum(r["identical"] for r in rows)
-    table = summarise(rows, systems)
+    table = summarise(rows, systems) if args.sampled is None else summarise_sampled(rows)
+    decoding = "greedy" if args.sampled is None else f"sampled at T {args.sampled}"
     kernels = cpu_linear.isa() if args.cpu_kernels else "off"
     machine = (
         f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
@@ -413,12 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table)
     print(
-        f"\n{len(rows)} prompts, greedy, max {args.max_tokens} new tokens, batch 1, "
+        f"\n{len(rows)} prompts, {decoding}, max {args.max_tokens} new tokens, batch 1, "
         f"gamma={args.gamma}; spec output identical to target-only on {identical}/{len(rows)}; "
         f"machine: {machine}"
     )
     for r in rows:
-        for system in ("target", "spec"):
+        for system in systems:
             r[system].pop("token_ids", None)
     args.out.write_text(
         json.dumps(

@@ -13,10 +13,12 @@ from engine.bench import (
     forward_times,
     load_prompts,
     parse_window,
+    run_engine,
+    summarise_sampled,
 )
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
-from tests.engine.conftest import tiny_model
+from tests.engine.conftest import perturbed, tiny_model
 
 
 def test_forward_times_reports_each_model_and_shape() -> None:
@@ -126,3 +128,35 @@ def test_draft_agreement_of_a_restricted_engine_head_counts_its_context_tokens()
     restricted_engine = Engine(target, target, replace(config, draft_vocab=100))
     own = draft_agreement(restricted_engine, prompts, [(0, 0)], 8)
     assert own.splitlines()[2].split("|")[2:] == full.splitlines()[3].split("|")[2:]
+
+
+def test_sampled_runs_repeat_and_the_coupled_one_is_target_only_sampling() -> None:
+    target = tiny_model("qwen2")
+    draft = perturbed(target, 0.1)
+    config = EngineConfig(gamma=4, max_slots=1, max_len=96, prefix_cache=False)
+    baseline, speculative = Engine(target, None, config), Engine(target, draft, config)
+    prompts = [("a", [5, 6, 7, 8]), ("a", [9, 10]), ("b", [11, 12, 13])]
+    rows = []
+    for index, (task, ids) in enumerate(prompts):
+        seed = 40 + index
+        row = {
+            "task": task,
+            "target": run_engine(baseline, ids, 24, 0.9, seed),
+            "spec": run_engine(speculative, ids, 24, 0.9, seed, coupled=True),
+            "spec_rejection": run_engine(speculative, ids, 24, 0.9, seed, coupled=False),
+        }
+        again = run_engine(speculative, ids, 24, 0.9, seed, coupled=False)
+        assert again["token_ids"] == row["spec_rejection"]["token_ids"]  # the seed replays
+        row["identical"] = row["target"]["token_ids"] == row["spec"]["token_ids"]
+        assert row["identical"]
+        rows.append(row)
+    assert any(r["spec"]["token_ids"] != r["spec_rejection"]["token_ids"] for r in rows)
+    table = summarise_sampled(rows).splitlines()
+    assert table[0].startswith("| task | n | target tok/s | coupled tok/s | rejection tok/s |")
+    cells = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table[2:]}
+    assert list(cells) == ["a", "b", "overall"]
+    assert cells["a"][0].strip() == "2" and cells["overall"][-1].strip() == "3/3"
+    for system, column in (("spec", 6), ("spec_rejection", 7)):
+        drafted = sum(r[system]["drafted"] for r in rows)
+        accepted = sum(r[system]["accepted"] for r in rows)
+        assert cells["overall"][column].strip() == f"{accepted / drafted:.1%}"
