@@ -171,6 +171,7 @@ class ModelRunner:
         """The final hidden states [B, T, H] of ``input_ids`` [B, T], K/V written to the slots
         (with ``kv_only`` only the K/V are sure to be computed: None may come back)."""
         rows = len(batch.slots)
+        # Prompts stay eager: ``prefill`` runs its forwards inside ``prompt_gemm``.
         if self.graphs is not None and self.graphs.fits(rows, width) and not in_prompt_gemm():
             hidden = self.graphs.hidden(input_ids, batch)
             if hidden is not None:
