@@ -116,6 +116,21 @@ def run_hf(target: LoadedModel, draft: LoadedModel | None, ids: list[int], max_t
     return {"tokens": out.shape[1] - len(ids), "seconds": elapsed}
 
 
+def _rate(group: list[dict], system: str) -> float:
+    """Tokens per second of ``system`` over the group's rows, end to end."""
+    tokens = sum(r[system]["tokens"] for r in group)
+    seconds = sum(r[system]["seconds"] for r in group)
+    return tokens / seconds if seconds else 0.0
+
+
+def _decode_rate(group: list[dict], system: str) -> float:
+    """Tokens per second after the first token: what speculation changes, without the shared
+    prompt prefill."""
+    tokens = sum(r[system]["tokens"] - 1 for r in group)
+    seconds = sum(r[system]["seconds"] - r[system]["ttft"] for r in group)
+    return tokens / seconds if seconds else 0.0
+
+
 def summarise(rows: list[dict], systems: list[str]) -> str:
     tasks = sorted({r["task"] for r in rows}) + ["overall"]
     header = ["task", "n"] + [f"{s} tok/s" for s in systems]
@@ -124,11 +139,7 @@ def summarise(rows: list[dict], systems: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in tasks:
         group = [r for r in rows if task in ("overall", r["task"])]
-        rate = {}
-        for system in systems:
-            tokens = sum(r[system]["tokens"] for r in group)
-            seconds = sum(r[system]["seconds"] for r in group)
-            rate[system] = tokens / seconds if seconds else 0.0
+        rate = {system: _rate(group, system) for system in systems}
         drafted = sum(r["spec"]["drafted"] for r in group)
         accepted = sum(r["spec"]["accepted"] for r in group)
         rounds = sum(r["spec"]["rounds"] for r in group)
@@ -138,12 +149,7 @@ def summarise(rows: list[dict], systems: list[str]) -> str:
             cells.append(f"{rate['hf_assisted'] / rate['hf_target']:.2f}x")
         else:
             cells.append("-")
-        # After the first token: what speculation changes, without the shared prompt prefill.
-        decode = {}
-        for system in ("target", "spec"):
-            tokens = sum(r[system]["tokens"] - 1 for r in group)
-            seconds = sum(r[system]["seconds"] - r[system]["ttft"] for r in group)
-            decode[system] = tokens / seconds if seconds else 0.0
+        decode = {system: _decode_rate(group, system) for system in ("target", "spec")}
         cells.append(f"{decode['spec'] / decode['target']:.2f}x" if decode["target"] else "-")
         cells.append(f"{accepted / drafted:.1%}" if drafted else "-")
         cells.append(f"{(accepted + rounds) / rounds:.2f}" if rounds else "-")
@@ -164,14 +170,8 @@ def summarise_sampled(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in tasks:
         group = [r for r in rows if task in ("overall", r["task"])]
-        rate, decode = {}, {}
-        for system in SAMPLED_SYSTEMS:
-            tokens = sum(r[system]["tokens"] for r in group)
-            seconds = sum(r[system]["seconds"] for r in group)
-            rate[system] = tokens / seconds if seconds else 0.0
-            tokens = sum(r[system]["tokens"] - 1 for r in group)
-            seconds = sum(r[system]["seconds"] - r[system]["ttft"] for r in group)
-            decode[system] = tokens / seconds if seconds else 0.0
+        rate = {system: _rate(group, system) for system in SAMPLED_SYSTEMS}
+        decode = {system: _decode_rate(group, system) for system in SAMPLED_SYSTEMS}
         cells = [task, str(len(group))] + [f"{rate[s]:.2f}" for s in SAMPLED_SYSTEMS]
         for system in SAMPLED_SYSTEMS[1:]:
             cells.append(f"{decode[system] / decode['target']:.2f}x" if decode["target"] else "-")
@@ -429,13 +429,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sampled needs a temperature above 0")
     hf_target = hf_draft = None
     if args.sampled is not None:
-        args.no_hf = True  # HF's sampling draws other random numbers: nothing to compare
-    if not args.no_hf:
+        # HF's sampling draws other random numbers: nothing to compare.
+        systems = list(SAMPLED_SYSTEMS)
+    else:
+        systems = ["target", "spec"] + ([] if args.no_hf else ["hf_target", "hf_assisted"])
+    if "hf_target" in systems:
         # Our engines patch their models' linears; HF runs on untouched copies of the weights.
         hf_target, hf_draft = load_pair(args.target, args.draft, args.dtype, args.device)
-    systems = ["target", "spec"] + ([] if args.no_hf else ["hf_target", "hf_assisted"])
-    if args.sampled is not None:
-        systems = list(SAMPLED_SYSTEMS)
     temperature = args.sampled or 0.0
 
     def run_system(system: str, ids: list[int], seed: int) -> dict:

@@ -229,11 +229,12 @@ class DraftProposer:
                 u = uniform(sampling.seeds, first_position + step, DRAFT_SAMPLE)
                 token = torch.where(sampling.greedy, token, sample_from(step_probs, u))
                 if coupled is not None:
-                    support = step_probs[coupled]
-                    if self.support is not None:
-                        support = support[:, self.support]
+                    if self.support is None:
+                        raced = step_probs[coupled]
+                    else:  # one gather of the rows' support, not a copy of their whole rows
+                        raced = step_probs[coupled[:, None], self.support]
                     token[coupled] = coupled_sample(
-                        support,
+                        raced,
                         sampling.seeds[coupled],
                         first_position[coupled] + step,
                         self.support,
