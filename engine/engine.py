@@ -530,7 +530,7 @@ class Engine:
         t0 = time.perf_counter()
         draft_tokens = torch.zeros((len(batch), gamma), dtype=torch.long, device=device)
         draft_probs = None
-        if not sampling.all_greedy and gamma > 0:
+        if sampling.rejection_rows and gamma > 0:
             draft_probs = torch.zeros((len(batch), gamma, self.vocab_size), device=device)
         if plan.draft_rows:
             assert self.proposer is not None
@@ -594,6 +594,7 @@ class Engine:
             sampling.seeds,
             to_device(num_tokens, device),
             sampling.coupled_index(device),
+            rejection=bool(sampling.rejection_rows),
         )
         # The round's single device-to-host transfer.
         host = torch.cat([verdict.tokens, verdict.accepted_len[:, None]], dim=1).tolist()

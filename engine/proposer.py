@@ -35,6 +35,9 @@ class RowSampling:
     penalties: RowPenalties | None = None  # repeats and logit bias, when any row sets them
     # Sampling rows whose caller chose the seed: they sample by engine.sampling.coupled_sample.
     coupled_rows: list[int] = field(default_factory=list)
+    # Sampling rows without one: rejection sampling decides them (engine/verifier.py). Where
+    # there are none, that path (its draft distributions, residuals and samples) is skipped.
+    rejection_rows: list[int] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -60,6 +63,7 @@ class RowSampling:
             else None,
             penalties=penalties,
             coupled_rows=[i for i, p in enumerate(params) if not p.greedy and p.seed is not None],
+            rejection_rows=[i for i, p in enumerate(params) if not p.greedy and p.seed is None],
         )
 
     def coupled_index(self, device: torch.device) -> torch.Tensor | None:
@@ -83,7 +87,7 @@ class RowSampling:
 
     def select(self, rows: list[int], index: torch.Tensor) -> RowSampling:
         """The sampling of a subset of the rows (``index``: ``rows`` on the device)."""
-        coupled = set(self.coupled_rows)
+        coupled, rejection = set(self.coupled_rows), set(self.rejection_rows)
         return RowSampling(
             greedy=self.greedy[index],
             all_greedy=self.all_greedy,
@@ -96,6 +100,7 @@ class RowSampling:
             min_p=None if self.min_p is None else self.min_p[index],
             penalties=None if self.penalties is None else self.penalties.select(index),
             coupled_rows=[j for j, i in enumerate(rows) if i in coupled],
+            rejection_rows=[j for j, i in enumerate(rows) if i in rejection],
         )
 
 
@@ -204,8 +209,9 @@ class DraftProposer:
         sampling: RowSampling,
         constraint: DraftConstraint | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns draft tokens [B, gamma] and, unless all rows are greedy, their warped
-        distributions [B, gamma, V]; with ``constraint``, what the rows' grammars allow."""
+        """Returns draft tokens [B, gamma] and, where some row samples by rejection, their
+        warped distributions [B, gamma, V] (else None: greedy and coupled rows need none); with
+        ``constraint``, what the rows' grammars allow."""
         device = self.runner.device
         self.also_score(rows.outside_ids)
         first_position = to_device(rows.first_positions, device)
@@ -226,8 +232,10 @@ class DraftProposer:
             token = logits.argmax(-1)
             if not sampling.all_greedy:
                 step_probs = sampling.warp(logits[:, None])[:, 0]
-                u = uniform(sampling.seeds, first_position + step, DRAFT_SAMPLE)
-                token = torch.where(sampling.greedy, token, sample_from(step_probs, u))
+                if sampling.rejection_rows:
+                    u = uniform(sampling.seeds, first_position + step, DRAFT_SAMPLE)
+                    token = torch.where(sampling.greedy, token, sample_from(step_probs, u))
+                    probs.append(step_probs)
                 if coupled is not None:
                     if self.support is None:
                         raced = step_probs[coupled]
@@ -239,7 +247,6 @@ class DraftProposer:
                         first_position[coupled] + step,
                         self.support,
                     )
-                probs.append(step_probs)
             tokens.append(token)
             if constraint is not None and step + 1 < gamma:
                 constraint.consume(token.tolist())  # the grammars walk on the host

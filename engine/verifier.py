@@ -30,6 +30,7 @@ def verify(
     seeds: torch.Tensor,
     first_position: torch.Tensor,
     coupled_rows: torch.Tensor | None = None,
+    rejection: bool = True,
 ) -> Verdict:
     """Lossless speculative verification for a whole batch at once.
 
@@ -43,6 +44,8 @@ def verify(
     seeds:          [B]         per-request seeds
     first_position: [B]         absolute position of the first draft token
     coupled_rows:   [C]         sampling rows whose caller set a seed (None: none)
+    rejection:      host flag   some sampling row is not coupled (False: skip the rejection
+                                path, whose results coupled rows overwrite; draft_probs unused)
 
     Greedy rows accept the longest prefix equal to the target's argmax and then take the argmax.
     Sampling rows follow Leviathan et al. / Chen et al.: accept draft x with probability
@@ -65,7 +68,8 @@ def verify(
     target_argmax = target_logits.argmax(-1)  # [B, G+1]
     accept = draft_tokens == target_argmax[:, :gamma]
     positions = first_position[:, None] + offsets[None, :]  # [B, G+1]
-    if target_probs is not None and gamma > 0:
+    rejection = rejection and target_probs is not None
+    if rejection and gamma > 0:
         p_draft_token = target_probs[:, :gamma].gather(-1, draft_tokens[..., None]).squeeze(-1)
         q_draft_token = draft_probs.gather(-1, draft_tokens[..., None]).squeeze(-1)
         u_accept = uniform(seeds, positions[:, :gamma], ACCEPT_TEST)
@@ -86,7 +90,7 @@ def verify(
     accepted_len = accept.to(torch.int64).cumprod(-1).sum(-1)  # [B]
 
     next_token = target_argmax.gather(-1, accepted_len[:, None]).squeeze(-1)
-    if target_probs is not None:
+    if rejection:
         index = accepted_len[:, None, None].expand(-1, 1, target_probs.shape[-1])
         p_at = target_probs.gather(1, index).squeeze(1)  # [B, V]
         q_padded = torch.zeros_like(target_probs)

@@ -7,6 +7,7 @@ import torch
 
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
+from engine.proposer import DraftRows, RowSampling
 from engine.runner import RaggedBatch
 from tests.engine.conftest import VOCAB, perturbed, tiny_model
 
@@ -72,3 +73,35 @@ def test_a_seeded_rows_draft_race_over_the_heads_ids_drafts_what_a_whole_race_do
     assert [c.token_ids for c in restricted.generate(prompts, params)] == expected
     assert restricted.stats.drafted == whole.stats.drafted > 0
     assert restricted.stats.accepted == whole.stats.accepted > 0
+
+
+def test_drafts_return_distributions_only_where_a_row_samples_by_rejection() -> None:
+    target = tiny_model("qwen2")
+    engine = Engine(target, perturbed(target, 0.05), EngineConfig(gamma=3, max_len=64))
+    assert engine.proposer is not None
+    seeded = SamplingParams(temperature=0.8, seed=5)
+    unseeded = SamplingParams(temperature=0.8)
+    greedy = SamplingParams(temperature=0.0)
+    mixed = RowSampling.build([greedy, seeded, unseeded], [1, 2, 3], torch.device("cpu"))
+    assert (mixed.coupled_rows, mixed.rejection_rows) == ([1], [2])
+    # A subset keeps each row's kind at its new index.
+    subset = mixed.select([2, 1], torch.tensor([2, 1]))
+    assert (subset.coupled_rows, subset.rejection_rows) == ([1], [0])
+
+    def propose(params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = DraftRows(
+            slots=[0, 1], catch_up=[[5, 6, 7], [9, 10]], draft_lens=[0, 0],
+            next_positions=[3, 2], first_positions=[3, 2], outside_ids=[],
+        )  # fmt: skip
+        sampling = RowSampling.build(params, [11, 12], torch.device("cpu"))
+        assert engine.proposer is not None
+        return engine.proposer.propose(rows, 3, sampling)
+
+    tokens, probs = propose([greedy, seeded])
+    assert probs is None  # greedy and coupled rows need no draft distributions
+    with_rejection, probs = propose([greedy, unseeded])
+    assert probs is not None and probs.shape == (2, 3, VOCAB)
+    assert torch.equal(tokens[0], with_rejection[0])  # the greedy row drafts its argmax
+    # A seeded row drafts its race's tokens whatever its neighbours sample by.
+    beside_rejection, probs = propose([unseeded, seeded])
+    assert probs is not None and torch.equal(tokens[1], beside_rejection[1])

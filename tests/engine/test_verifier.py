@@ -304,3 +304,44 @@ def test_a_seeded_request_samples_what_target_only_sampling_does(
         assert stats.rejections == stats.ngram_rejections
     elif draft_kind != "lookup":
         assert 0 < stats.accepted < stats.drafted
+
+
+def test_without_unseeded_rows_the_rejection_path_is_skipped_with_the_same_verdict() -> None:
+    generator = torch.Generator().manual_seed(0)
+    rows, gamma = 6, 3
+    target_probs = torch.rand(rows, gamma + 1, VOCAB, generator=generator).pow(4).softmax(-1)
+    draft_probs = torch.rand(rows, gamma, VOCAB, generator=generator).pow(4).softmax(-1)
+    # Drafts of the target's own likeliest tokens, so that some are accepted.
+    draft = target_probs[:, :gamma].argmax(-1)
+    draft[::2, 1] = (draft[::2, 1] + 1) % VOCAB
+    greedy = torch.tensor([True, False, False, True, False, False])
+    coupled = torch.tensor([1, 2, 4, 5])  # every sampling row has a seed
+    arguments = dict(
+        target_logits=target_probs.log(), target_probs=target_probs,
+        row_gamma=torch.tensor([3, 3, 2, 1, 3, 0]), greedy=greedy,
+        seeds=torch.arange(rows) + 40, first_position=torch.arange(rows) + 7,
+        coupled_rows=coupled,
+    )  # fmt: skip
+    full = verify(draft, draft_probs, **arguments)
+    skipped = verify(draft, None, rejection=False, **arguments)
+    assert torch.equal(full.accepted_len, skipped.accepted_len)
+    assert torch.equal(full.tokens, skipped.tokens)
+    assert 0 < full.accepted_len.sum() < rows * gamma
+
+
+def test_a_seeded_request_beside_unseeded_and_greedy_ones_still_samples_target_only() -> None:
+    target = tiny_model("qwen2", seed=3, sharpen=2.0)
+    draft = perturbed(target, 0.3)
+    prompts = [[5, 6, 7], [9, 9, 4], [1, 2, 3, 4]]
+    params = [
+        SamplingParams(max_tokens=20, temperature=0.9, seed=21, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.9, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+    ]
+    plain = Engine(target, None, EngineConfig(gamma=0, max_slots=4, max_len=64))
+    expected = [r.token_ids for r in plain.generate(prompts, params)]
+    speculative = Engine(target, draft, EngineConfig(gamma=4, max_slots=4, max_len=64))
+    got = [r.token_ids for r in speculative.generate(prompts, params)]
+    assert got[0] == expected[0] and got[2] == expected[2]
+    assert len(got[1]) == 20
+    assert 0 < speculative.stats.accepted < speculative.stats.drafted
