@@ -79,10 +79,17 @@ class RowSampling:
 
     def warp(self, logits: torch.Tensor) -> torch.Tensor:
         vocab = logits.shape[-1]
-        use_top_k = any(0 < k < vocab for k in self.host_top_k)
+        max_top_k = max((k for k in self.host_top_k if 0 < k < vocab), default=0)
         use_top_p = any(p < 1.0 for p in self.host_top_p)
         return warp_probs(
-            logits, self.temperature, self.top_k, self.top_p, use_top_k, use_top_p, self.min_p
+            logits,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            max_top_k > 0,
+            use_top_p,
+            self.min_p,
+            max_top_k,
         )
 
     def select(self, rows: list[int], index: torch.Tensor) -> RowSampling:

@@ -100,6 +100,13 @@ def coupled_sample(
     return winner if ids is None else ids[winner]
 
 
+# Tokens ranked for top-k and top-p on CPU before any full sort: torch sorts a 152k vocabulary
+# in ~11 ms a row there (nearly a draft step), while the top 4096 come in ~1.4 ms. On the
+# default target's logits at temperature 0.7 and top-p 0.9 they held the nucleus at 99.5 % of
+# positions (at 1.0 and 0.95, 90 %); the rest are sorted whole.
+RANKED_HEAD = 4096
+
+
 def warp_probs(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -108,6 +115,7 @@ def warp_probs(
     use_top_k: bool | None = None,
     use_top_p: bool | None = None,
     min_p: torch.Tensor | None = None,
+    max_top_k: int | None = None,
 ) -> torch.Tensor:
     """Probabilities after temperature, min-p, top-k and top-p, per row (vLLM's order).
 
@@ -115,8 +123,15 @@ def warp_probs(
     float (0 = off), or None when no row sets it: tokens less likely than min_p times the most
     likely one are dropped.
     Rows with temperature 0 (greedy) get temperature 1 here; the verifier never samples them.
-    ``use_top_k`` / ``use_top_p``: whether any row truncates, when the caller knows it from
-    host values (else read from the tensors, a wait for the device).
+    ``use_top_k`` / ``use_top_p``: whether any row truncates, and ``max_top_k`` the largest k,
+    when the caller knows them from host values (else read from the tensors, a wait for the
+    device).
+
+    Truncation keeps every token at least as likely as the last one kept: top-k keeps the
+    tokens whose logit reaches the k-th largest, top-p those that less likely tokens cannot
+    displace (the mass strictly above a token is below top_p). Tokens tied at the edge, which
+    bf16 logits make common, thus go or stay together, so no sort's order among ties decides
+    and a speculative verify truncates a row exactly as plain decoding does.
     """
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     scaled = logits / temp[:, None, None]
@@ -124,26 +139,68 @@ def warp_probs(
         probs = scaled.softmax(-1)
         floor = probs.amax(-1, keepdim=True) * min_p[:, None, None]
         scaled = scaled.masked_fill(probs < floor, float("-inf"))
-    vocab = logits.shape[-1]
+    rows, positions, vocab = scaled.shape
     if use_top_k is None:
         use_top_k = bool(((top_k > 0) & (top_k < vocab)).any())
     if use_top_p is None:
         use_top_p = bool((top_p < 1.0).any())
     if use_top_k or use_top_p:
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
-        if use_top_k:
-            k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
-            ranks = torch.arange(vocab, device=logits.device)
-            drop |= ranks[None, None, :] >= k[:, None, None]
-        if use_top_p:
-            sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-            # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
-            # before it already does (the top token always survives).
-            mass_before = sorted_probs.cumsum(-1) - sorted_probs
-            drop |= mass_before >= top_p[:, None, None]
-        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        if use_top_k and max_top_k is None:
+            max_top_k = int(top_k.max())
+        head = vocab
+        if scaled.device.type == "cpu":  # on CUDA a sort is cheap and a fallback would sync
+            head = min(vocab, max(RANKED_HEAD, max_top_k or 0))
+        flat = scaled.reshape(-1, vocab)
+        row_top_k = top_k.repeat_interleave(positions)
+        row_top_p = top_p.repeat_interleave(positions)
+        floor, short = _truncation_floor(flat, row_top_k, row_top_p, use_top_k, use_top_p, head)
+        if short is not None and bool(short.any()):  # nuclei past the head: sort those rows
+            index = short.nonzero().squeeze(-1)
+            floor[index] = _truncation_floor(
+                flat[index], row_top_k[index], row_top_p[index], use_top_k, use_top_p, vocab
+            )[0]
+        scaled = scaled.masked_fill(scaled < floor.view(rows, positions, 1), float("-inf"))
     return scaled.softmax(-1)
+
+
+def _truncation_floor(
+    scaled: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    use_top_k: bool,
+    use_top_p: bool,
+    head: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The lowest logit top-k and top-p keep in each row of ``scaled`` [N, V] ([N, 1]), from
+    its ``head`` largest logits, and with a head short of the vocabulary, which rows' top-p
+    needs more of them [N] (their floor is then not yet known)."""
+    vocab = scaled.shape[-1]
+    if head < vocab:
+        ranked = scaled.topk(head, dim=-1).values
+    else:
+        ranked = scaled.sort(dim=-1, descending=True).values
+    floor = torch.full_like(ranked[:, :1], float("-inf"))
+    short = None
+    if use_top_k:
+        k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
+        kth = ranked.gather(-1, (k.clamp(max=head) - 1)[:, None])
+        floor = kth.where(k[:, None] <= head, floor)
+    if use_top_p:
+        # Normalised over what top-k kept, as the reference order (top-k, then top-p) has it.
+        total = scaled.masked_fill(scaled < floor, float("-inf")).logsumexp(-1, keepdim=True)
+        probs = (ranked.masked_fill(ranked < floor, float("-inf")) - total).exp()
+        mass = probs.cumsum(-1)
+        if head < vocab:
+            short = (mass[:, -1] < top_p) & (top_p < 1.0)
+        # The mass strictly above each rank: that before the first rank of its tie group.
+        ranks = torch.arange(head, device=scaled.device).expand_as(ranked)
+        starts = torch.ones_like(ranked, dtype=torch.bool)
+        starts[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+        first = torch.where(starts, ranks, 0).cummax(-1).values
+        displaced = (mass - probs).gather(-1, first) >= top_p[:, None]
+        last_kept = ranked.masked_fill(displaced, float("inf")).amin(-1, keepdim=True)
+        floor = torch.maximum(floor, last_kept)
+    return floor, short
 
 
 def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

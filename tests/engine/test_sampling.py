@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import engine.sampling as sampling_module
 from engine import cpu_linear
 from engine.sampling import (
     ACCEPT_TEST,
@@ -90,6 +91,58 @@ def test_warp_matches_a_plain_reference(
         for k in range(2):
             expected = _reference_warp(logits[b, k], temperature, top_k, top_p, min_p)
             torch.testing.assert_close(warped[b, k], expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sharpness", [4.0, 0.2])  # a nucleus within the head, one past it
+def test_truncation_ranks_a_head_of_the_vocabulary_and_falls_back_to_a_sort(
+    monkeypatch: pytest.MonkeyPatch, sharpness: float
+) -> None:
+    monkeypatch.setattr(sampling_module, "RANKED_HEAD", 32)
+    heads: list[tuple[int, bool]] = []
+    floor = sampling_module._truncation_floor
+
+    def spy(*args):
+        result = floor(*args)
+        heads.append((args[-1], len(args[0])))
+        return result
+
+    monkeypatch.setattr(sampling_module, "_truncation_floor", spy)
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 2, 2000, generator=generator) * sharpness
+    settings = [(0.9, 0, 0.8), (1.0, 20, 1.0), (0.7, 50, 0.9)]  # temperature, top_k, top_p
+    warped = warp_probs(
+        logits,
+        torch.tensor([t for t, _, _ in settings]),
+        torch.tensor([k for _, k, _ in settings]),
+        torch.tensor([p for _, _, p in settings]),
+    )
+    for b, (temperature, top_k, top_p) in enumerate(settings):
+        for k in range(2):
+            expected = _reference_warp(logits[b, k], temperature, top_k, top_p)
+            torch.testing.assert_close(warped[b, k], expected, atol=1e-6, rtol=1e-5)
+    # A head of 50 (the largest top-k) ranked all six rows; where it held a top-p row's nucleus
+    # nothing more ran, else that row alone was sorted whole (top-k rows need no more).
+    assert heads[0] == (50, 6)
+    assert heads[1:] == ([] if sharpness > 1 else [(2000, 2)])
+
+
+def test_tokens_tied_at_the_truncation_edge_stay_or_go_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    logits = torch.tensor([[[5.0, 3.0, 4.0, 3.0, 1.0, 3.0]]])
+    one = torch.ones(1)
+    kept = warp_probs(logits, one, torch.tensor([3]), one)[0, 0] > 0
+    assert kept.tolist() == [True, True, True, True, False, True]  # 3rd largest is a tie
+    probs = logits.softmax(-1)[0, 0]
+    # The cut falls inside the tied group: the mass above it (5.0 and 4.0) is below top_p.
+    top_p = (probs[0] + probs[2] + probs[1] / 2).item()
+    kept = warp_probs(logits, one, torch.zeros(1, dtype=torch.long), torch.tensor([top_p]))
+    assert (kept[0, 0] > 0).tolist() == [True, True, True, True, False, True]
+    # The same with a ranked head that ends inside the tie: ties past the head count too.
+    monkeypatch.setattr(sampling_module, "RANKED_HEAD", 3)
+    wide = torch.cat([logits, torch.full((1, 1, 2000), -20.0)], dim=-1)
+    headed = warp_probs(wide, one, torch.zeros(1, dtype=torch.long), torch.tensor([top_p]))
+    torch.testing.assert_close(headed[0, 0, :6], kept[0, 0], atol=1e-6, rtol=1e-5)
 
 
 def test_warp_applies_settings_per_row() -> None:
