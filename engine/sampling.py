@@ -145,10 +145,10 @@ def warp_probs(
     if use_top_p is None:
         use_top_p = bool((top_p < 1.0).any())
     if use_top_k or use_top_p:
-        if use_top_k and max_top_k is None:
-            max_top_k = int(top_k.max())
         head = vocab
         if scaled.device.type == "cpu":  # on CUDA a sort is cheap and a fallback would sync
+            if use_top_k and max_top_k is None:
+                max_top_k = int(top_k.max())
             head = min(vocab, max(RANKED_HEAD, max_top_k or 0))
         flat = scaled.reshape(-1, vocab)
         row_top_k = top_k.repeat_interleave(positions)

@@ -36,7 +36,8 @@ def verify(
 
     draft_tokens:   [B, G]      proposed tokens (G = the round's largest gamma; may be 0)
     draft_probs:    [B, G, V]   warped draft distributions the proposals were sampled from
-                                (None when every row is greedy)
+                                (None when every row is greedy or none samples by
+                                rejection)
     target_logits:  [B, G+1, V] raw target logits at the positions of [last token, drafts...]
     target_probs:   [B, G+1, V] warped target distributions (None when every row is greedy)
     row_gamma:      [B]         drafts this row really proposed (<= G); later ones are ignored
