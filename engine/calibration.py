@@ -253,7 +253,8 @@ def facts(
         "device_name": device_name(target.device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "cpu_kernels": cpu_linear.isa() if config.cpu_kernels else None,
+        # The build too: a kernel changed in place times differently under the same ISA.
+        "cpu_kernels": [cpu_linear.isa(), cpu_linear.build()] if config.cpu_kernels else None,
         "prompt_gemm_rows": cpu_linear.PROMPT_GEMM_MIN_ROWS,
     }
 

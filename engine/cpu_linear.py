@@ -212,6 +212,13 @@ def _load() -> ctypes.CDLL | None:
         return lib
 
 
+def build() -> str | None:
+    """The loaded library's file name, which carries the digest of its sources, flags and
+    compiler (None where none loaded): what a timing of the kernels holds for."""
+    lib = _lib if _tried else _load()
+    return None if lib is None else Path(lib._name).name
+
+
 def available() -> bool:
     """Whether the fast kernel can be used in this process (compiles it on first call)."""
     return _load() is not None

@@ -60,7 +60,7 @@ def test_leading_dims_and_noncontiguous_input(isa: str) -> None:
     torch.testing.assert_close(got, F.linear(x3, w.float(), b), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("m", [1, 5, 8, 17, 70])
+@pytest.mark.parametrize("m", [1, 5, 6, 8, 12, 17, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_invariance(m: int, dtype: torch.dtype, isa: str) -> None:
     x, w, b = _inputs(m, 203, 1003, seed=m)
