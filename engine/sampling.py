@@ -187,8 +187,10 @@ def _truncation_floor(
         floor = kth.where(k[:, None] <= head, floor)
     if use_top_p:
         # Normalised over what top-k kept, as the reference order (top-k, then top-p) has it.
-        total = scaled.masked_fill(scaled < floor, float("-inf")).logsumexp(-1, keepdim=True)
-        probs = (ranked.masked_fill(ranked < floor, float("-inf")) - total).exp()
+        if use_top_k:  # without it the floor is -inf, and masking a copy would change nothing
+            scaled = scaled.masked_fill(scaled < floor, float("-inf"))
+            ranked = ranked.masked_fill(ranked < floor, float("-inf"))
+        probs = (ranked - scaled.logsumexp(-1, keepdim=True)).exp()
         mass = probs.cumsum(-1)
         if head < vocab:
             short = (mass[:, -1] < top_p) & (top_p < 1.0)

@@ -98,7 +98,7 @@ def test_truncation_ranks_a_head_of_the_vocabulary_and_falls_back_to_a_sort(
     monkeypatch: pytest.MonkeyPatch, sharpness: float
 ) -> None:
     monkeypatch.setattr(sampling_module, "RANKED_HEAD", 32)
-    heads: list[tuple[int, bool]] = []
+    heads: list[tuple[int, int]] = []  # (head, rows) per call
     floor = sampling_module._truncation_floor
 
     def spy(*args):
@@ -136,13 +136,13 @@ def test_tokens_tied_at_the_truncation_edge_stay_or_go_together(
     probs = logits.softmax(-1)[0, 0]
     # The cut falls inside the tied group: the mass above it (5.0 and 4.0) is below top_p.
     top_p = (probs[0] + probs[2] + probs[1] / 2).item()
-    kept = warp_probs(logits, one, torch.zeros(1, dtype=torch.long), torch.tensor([top_p]))
-    assert (kept[0, 0] > 0).tolist() == [True, True, True, True, False, True]
+    nucleus = warp_probs(logits, one, torch.zeros(1, dtype=torch.long), torch.tensor([top_p]))
+    assert (nucleus[0, 0] > 0).tolist() == [True, True, True, True, False, True]
     # The same with a ranked head that ends inside the tie: ties past the head count too.
     monkeypatch.setattr(sampling_module, "RANKED_HEAD", 3)
     wide = torch.cat([logits, torch.full((1, 1, 2000), -20.0)], dim=-1)
     headed = warp_probs(wide, one, torch.zeros(1, dtype=torch.long), torch.tensor([top_p]))
-    torch.testing.assert_close(headed[0, 0, :6], kept[0, 0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(headed[0, 0, :6], nucleus[0, 0], atol=1e-6, rtol=1e-5)
 
 
 def test_warp_applies_settings_per_row() -> None:
